@@ -1,0 +1,100 @@
+"""Identity: every call must carry a valid OIDC ID token from a configured issuer.
+
+The caller's token is verified (issuer discovery, JWKS, signature, iss/aud/exp/nbf) and mapped to a
+username and groups; then it is removed from the request, so it never reaches the cluster, a log or a
+recording. Client-supplied `Impersonate-*` headers are refused: only the gateway says who a call is for.
+
+    mitmdump -s addons/identity.py --set policy=policies/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+
+from mitmproxy import ctx, exceptions, http
+
+from jitgate.mitm import call_of, current_policy, declare_policy_option, refuse
+from jitgate.oidc import IssuerUnavailable, OIDCVerifier, TokenError
+
+log = logging.getLogger("jitgate.identity")
+
+# Browsers cannot set headers on a WebSocket, so Kubernetes also takes the token as a subprotocol.
+WS_TOKEN_PREFIX = "base64url.bearer.authorization.k8s.io."
+
+
+def take_bearer_token(request: http.Request) -> str | None:
+    """Remove every form of caller credential from the request and return the bearer token, if any."""
+    token = None
+    auth = request.headers.pop("Authorization", "")
+    request.headers.pop("Proxy-Authorization", None)
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        token = value.strip()
+    protocols = request.headers.get("Sec-WebSocket-Protocol")
+    if protocols and WS_TOKEN_PREFIX in protocols:
+        kept = []
+        for proto in (p.strip() for p in protocols.split(",")):
+            if proto.startswith(WS_TOKEN_PREFIX):
+                encoded = proto[len(WS_TOKEN_PREFIX):]
+                try:
+                    token = token or base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+                except (binascii.Error, UnicodeDecodeError):
+                    pass
+            elif proto:
+                kept.append(proto)
+        request.headers["Sec-WebSocket-Protocol"] = ", ".join(kept)
+    return token
+
+
+class Identity:
+    def __init__(self) -> None:
+        self.verifier: OIDCVerifier | None = None
+
+    def load(self, loader) -> None:
+        declare_policy_option(loader)
+        loader.add_option(
+            "oidc_clock_skew", int, 60,
+            "Seconds of clock difference tolerated when checking a token's exp, nbf and iat.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "policy" in updated or "oidc_clock_skew" in updated:
+            if ctx.options.oidc_clock_skew < 0 or ctx.options.oidc_clock_skew > 600:
+                raise exceptions.OptionsError("oidc_clock_skew must be between 0 and 600 seconds")
+            policy = current_policy()
+            self.verifier = OIDCVerifier(policy.identity_providers, clock_skew=ctx.options.oidc_clock_skew)
+
+    async def running(self) -> None:
+        # Warm discovery and JWKS so the first caller does not pay for it; failures are retried on use.
+        if self.verifier is not None:
+            await asyncio.to_thread(self.verifier.prefetch)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        token = take_bearer_token(flow.request)
+        if flow.response:
+            return
+        impersonation = sorted({k for k in flow.request.headers if k.lower().startswith("impersonate-")})
+        if impersonation:
+            refuse(flow, 403, f"jitgate: impersonation is not allowed (header {impersonation[0]}); "
+                              "the gateway itself tells the cluster who you are")
+            return
+        if token is None:
+            refuse(flow, 401, "jitgate: no bearer token: every call needs an OIDC ID token "
+                              "(see `jitgate kubeconfig` for a kubeconfig that sends one)")
+            return
+        if self.verifier is None:
+            refuse(flow, 500, "jitgate: identity is not configured")
+            return
+        try:
+            call.identity = await self.verifier.averify(token)
+        except IssuerUnavailable as e:
+            refuse(flow, 503, f"jitgate: cannot verify the token now: {e.reason}")
+        except TokenError as e:
+            refuse(flow, 401, f"jitgate: invalid bearer token: {e.reason}")
+
+
+addons = [Identity()]

@@ -1,0 +1,119 @@
+"""Upstream credential: the gateway, not the caller, authenticates to the cluster.
+
+For `eks` clusters the gateway assumes the configured IAM role (session name and SourceIdentity name
+the caller, so CloudTrail shows the human) and presents an EKS token; it can also use a token file or
+a client certificate (the latter is set on the TLS connection by addons/clusters.py). Credentials are
+cached and refreshed before expiry, never fetched per call. Once the request has been sent, the
+credential is removed from the flow so no log, `-w` flow file or HAR recording can carry it.
+
+    mitmdump -s addons/clusters.py -s addons/identity.py -s addons/upstream_credential.py --set policy=policies/
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from mitmproxy import http
+
+from jitgate.eks import EKSClusterCredentialConfig, EKSTokenProvider, UpstreamCredentialError
+from jitgate.mitm import call_of, current_policy, declare_policy_option, refuse
+from jitgate.policy import Cluster, TokenFileCredential
+
+log = logging.getLogger("jitgate.upstream")
+
+
+class TokenFile:
+    """A bearer token in a file, re-read when the file changes (projected tokens rotate)."""
+
+    RECHECK_SECONDS = 1.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.token = ""
+        self.stamp: tuple[int, int] | None = None
+        self.checked = 0.0
+
+    def read(self) -> str:
+        now = time.monotonic()
+        if now - self.checked >= self.RECHECK_SECONDS or not self.token:
+            self.checked = now
+            try:
+                st = os.stat(self.path)
+                if (st.st_mtime_ns, st.st_size) != self.stamp:
+                    self.token = self.path.read_text().strip()
+                    self.stamp = (st.st_mtime_ns, st.st_size)
+            except OSError as e:
+                raise UpstreamCredentialError(f"cannot read the cluster token file {self.path}: {e.strerror}") from None
+            if not self.token:
+                raise UpstreamCredentialError(f"the cluster token file {self.path} is empty")
+        return self.token
+
+
+class UpstreamCredential:
+    def __init__(self) -> None:
+        self.eks: dict[str, EKSTokenProvider] = {}
+        self.token_files: dict[str, TokenFile] = {}
+
+    def load(self, loader) -> None:
+        declare_policy_option(loader)
+
+    def configure(self, updated: set[str]) -> None:
+        if "policy" in updated:
+            policy = current_policy()
+            eks, files = {}, {}
+            for cluster in policy.clusters:
+                if isinstance(cluster.credential, EKSClusterCredentialConfig):
+                    # Keep warm providers (and their cached credentials) across policy reloads.
+                    old = self.eks.get(cluster.name)
+                    eks[cluster.name] = old if old and old.config == cluster.credential else EKSTokenProvider(cluster.credential)
+                elif isinstance(cluster.credential, TokenFileCredential):
+                    files[cluster.name] = TokenFile(cluster.credential.path)
+            self.eks, self.token_files = eks, files
+
+    async def bearer_token(self, cluster: Cluster, username: str) -> str | None:
+        if cluster.name in self.eks:
+            return await self.eks[cluster.name].atoken_for(username)
+        if cluster.name in self.token_files:
+            return self.token_files[cluster.name].read()
+        return None  # client certificate: authenticated on the TLS connection
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if flow.response:
+            return
+        if call.cluster is None or call.identity is None or call.info is None:
+            # A chain missing its checks must not turn into an open door to the cluster.
+            refuse(flow, 500, "jitgate: refusing to forward a call that was not checked "
+                              "(load addons/gateway.py, or clusters, identity and request_attributes first)")
+            return
+        try:
+            token = await self.bearer_token(call.cluster, call.identity.username)
+        except UpstreamCredentialError as e:
+            log.warning("no upstream credential for cluster %s: %s", call.cluster.name, e)
+            refuse(flow, 503, f"jitgate: cannot obtain a credential for cluster {call.cluster.name}: {e}")
+            return
+        headers = flow.request.headers
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if call.cluster.impersonate:
+            headers["Impersonate-User"] = call.identity.username
+            headers.set_all("Impersonate-Group", list(call.identity.groups))
+        if not call.decision:
+            call.allow("authenticated")
+
+    @staticmethod
+    def scrub(flow: http.HTTPFlow) -> None:
+        # The request has been sent: from here on the flow is only logged, saved and recorded.
+        flow.request.headers.pop("Authorization", None)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.scrub(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.scrub(flow)
+
+
+addons = [UpstreamCredential()]

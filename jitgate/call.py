@@ -1,0 +1,46 @@
+"""What the gateway knows about one API call, shared by every step of the chain.
+
+Each addon adds its finding (cluster, identity, request attributes, decision) to one `Call` kept on
+`flow.metadata`, so a later step sees an earlier one's decision: audit records denials too.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from jitgate.oidc import Identity
+from jitgate.policy import Cluster
+from jitgate.requestinfo import RequestInfo
+
+ALLOW = "allow"
+DENY = "deny"
+
+
+@dataclass(slots=True)
+class Call:
+    audit_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    received: float = field(default_factory=time.time)
+    cluster: Cluster | None = None
+    identity: Identity | None = None
+    info: RequestInfo | None = None
+    decision: str = ""  # "" until a step decides; ALLOW or DENY after
+    reason: str = ""  # why, in words an operator reads in the audit log
+    long_running: bool = False  # watch, log follow, exec: audited at start and at end
+    started_audited: bool = False
+    completed_audited: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def denied(self) -> bool:
+        return self.decision == DENY
+
+    def deny(self, reason: str) -> None:
+        self.decision = DENY
+        self.reason = reason
+
+    def allow(self, reason: str) -> None:
+        if self.decision != DENY:  # an allow never overrides an earlier deny
+            self.decision = ALLOW
+            self.reason = reason
