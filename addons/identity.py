@@ -49,6 +49,13 @@ def take_bearer_token(request: http.Request) -> str | None:
     return token
 
 
+def reserved_name(username: str, groups: tuple[str, ...]) -> str | None:
+    for name in (username, *groups):
+        if name.startswith("system:"):
+            return name
+    return None
+
+
 class Identity:
     def __init__(self) -> None:
         self.verifier: OIDCVerifier | None = None
@@ -90,11 +97,20 @@ class Identity:
             refuse(flow, 500, "jitgate: identity is not configured")
             return
         try:
-            call.identity = await self.verifier.averify(token)
+            identity = await self.verifier.averify(token)
         except IssuerUnavailable as e:
             refuse(flow, 503, f"jitgate: cannot verify the token now: {e.reason}")
+            return
         except TokenError as e:
             refuse(flow, 401, f"jitgate: invalid bearer token: {e.reason}")
+            return
+        reserved = reserved_name(identity.username, identity.groups)
+        if reserved:
+            # `system:` names belong to Kubernetes (system:masters is cluster-admin); an IdP claim
+            # must never become one, least of all through impersonation.
+            refuse(flow, 403, f"jitgate: the identity {reserved!r} uses the reserved \"system:\" prefix")
+            return
+        call.identity = identity
 
 
 addons = [Identity()]
