@@ -24,6 +24,11 @@ from jitgate.policy import Cluster, TokenFileCredential
 
 log = logging.getLogger("jitgate.upstream")
 
+# botocore logs AssumeRole response bodies (secret keys included) at DEBUG: never let them through,
+# whatever verbosity mitmproxy runs at.
+for _name in ("botocore", "boto3", "urllib3"):
+    logging.getLogger(_name).setLevel(logging.INFO)
+
 
 class TokenFile:
     """A bearer token in a file, re-read when the file changes (projected tokens rotate)."""

@@ -50,6 +50,8 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 class TestCA:
     """A CA made for one test session, and helpers to issue server/client certificates from it."""
 
+    __test__ = False  # not a test class, despite the name
+
     directory: Path
     cert_path: Path
     key: ec.EllipticCurvePrivateKey
