@@ -88,19 +88,19 @@ class ClusterRouting:
             # The caller's token would have crossed the network in clear text.
             refuse(flow, 400, "jitgate: the Kubernetes API is only served over TLS; use an https:// server URL")
         else:
-            flow.request.host, flow.request.port = cluster.host, cluster.port
+            # Target the address we connect to (so mitmproxy reuses upstream connections), while
+            # the Host header and, in server_connect, the TLS SNI name the cluster's endpoint.
+            flow.request.host, flow.request.port = cluster.connect_address
             flow.request.host_header = cluster.endpoint.removeprefix("https://")
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
-        cluster = self.policy.cluster_for(*server.address) if self.policy and server.address else None
+        cluster = self.policy.cluster_at(*server.address) if self.policy and server.address else None
         if cluster is None:
             # Only checked calls reach here; anything else must not open a connection.
             server.error = f"jitgate: refusing to connect to {server.address}: not a configured cluster"
             return
         server.sni = cluster.host
-        if cluster.connect:
-            server.address = cluster.connect
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn

@@ -77,6 +77,13 @@ class Policy:
     def cluster_for(self, host: str, port: int) -> Cluster | None:
         return self.by_endpoint.get((host.lower(), port))
 
+    def cluster_at(self, host: str, port: int) -> Cluster | None:
+        """The cluster whose connect address (or endpoint, without one) this is; they are unique."""
+        for cluster in self.clusters:
+            if cluster.connect_address == (host.lower(), port):
+                return cluster
+        return None
+
     def by_endpoint_host(self, host: str) -> Cluster | None:
         """Endpoint hosts are unique across clusters, so the upstream SNI names the cluster."""
         for cluster in self.clusters:
@@ -355,6 +362,10 @@ def load_policy(path: Path | str) -> Policy:
             other = next((c for c in clusters if c.host == cluster.host), None)
             if other is not None:
                 raise node.error("endpoint", f"endpoint host {cluster.host} is already used by cluster {other.name!r}")
+            other = next((c for c in clusters if c.connect_address == cluster.connect_address), None)
+            if other is not None:
+                raise node.error("connect" if cluster.connect else "endpoint",
+                                 f"address {':'.join(map(str, cluster.connect_address))} is already used by cluster {other.name!r}")
             by_name[cluster.name] = by_endpoint[(cluster.host, cluster.port)] = cluster
             clusters.append(cluster)
         for node in root.children("identity_providers"):

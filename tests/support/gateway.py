@@ -17,7 +17,8 @@ class GatewayProcess:
     """One mitmdump running the whole jitgate chain, with a regular listener and reverse listeners."""
 
     def __init__(self, workdir: Path, policy: Path, reverse_endpoints: dict[str, str] | None = None,
-                 options: dict[str, str] | None = None, script: str = "addons/gateway.py") -> None:
+                 options: dict[str, str] | None = None, script: str = "addons/gateway.py",
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.policy = policy
         self.confdir = workdir / "certs"
@@ -28,6 +29,7 @@ class GatewayProcess:
         self.reverse = {name: (endpoint, free_port()) for name, endpoint in (reverse_endpoints or {}).items()}
         self.options = {"audit_log": str(self.audit_path), **(options or {})}
         self.script = script
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -54,7 +56,7 @@ class GatewayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=self.env)
         try:
             wait_for_port(self.proxy_port, self.proc, timeout=30)
             for _, port in self.reverse.values():

@@ -1,0 +1,125 @@
+"""Session-wide real processes: a test CA, the OIDC provider, STS (moto), stand-in clusters, the gateway.
+
+Starting them once per session keeps the end-to-end suite fast; tests that need a gateway with other
+settings start their own from `tests.support.gateway`.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateway import GatewayProcess
+from tests.support.moto import MotoServer
+from tests.support.net import TestCA
+from tests.support.oidc_provider import OIDCProviderProcess
+from tests.support.standin import StandinProcess
+
+DEV_HOST = "api.dev.jitgate.test"  # non-loopback names only the gateway maps to a stand-in
+LAB_HOST = "api.lab.jitgate.test"
+LAB_CLUSTER_TOKEN = "lab-cluster-token-held-by-the-gateway"
+INSPECTOR_TOKEN = "test-inspector-token"  # lets tests read what a stand-in saw; the gateway never has it
+
+
+def aws_env(base: dict[str, str], tmp: Path) -> dict[str, str]:
+    """The gateway's own AWS credentials (boto3's chain: here, environment variables only)."""
+    env = {k: v for k, v in base.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID="AKIAGATEWAYBASEKEY01", AWS_SECRET_ACCESS_KEY="gateway-base-secret",
+        AWS_CONFIG_FILE=str(tmp / "no-aws-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp / "no-aws-credentials"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA.create(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def idp(ca: TestCA, tmp_path_factory: pytest.TempPathFactory):
+    with OIDCProviderProcess(tmp_path_factory.mktemp("idp")).start(ca) as provider:
+        yield provider
+
+
+@pytest.fixture(scope="session")
+def sts(ca: TestCA, tmp_path_factory: pytest.TempPathFactory):
+    server = MotoServer.start(tmp_path_factory.mktemp("moto"), ca)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dev_cluster(ca: TestCA, tmp_path_factory: pytest.TempPathFactory):
+    """The EKS-style cluster: accepts only EKS tokens minted for cluster name `dev`."""
+    with StandinProcess(tmp_path_factory.mktemp("standin-dev")).start(ca, tokens=[INSPECTOR_TOKEN], eks_cluster="dev", hostnames=[DEV_HOST]) as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def lab_cluster(ca: TestCA, tmp_path_factory: pytest.TempPathFactory):
+    """A cluster reached with a token file, with impersonation on."""
+    with StandinProcess(tmp_path_factory.mktemp("standin-lab")).start(ca, tokens=[LAB_CLUSTER_TOKEN], hostnames=[LAB_HOST]) as api:
+        yield api
+
+
+@dataclass
+class Stack:
+    gateway: GatewayProcess
+    idp: OIDCProviderProcess
+    sts: MotoServer
+    dev: StandinProcess
+    lab: StandinProcess
+    role_arn: str
+    policy: Path
+
+
+def write_policy(folder: Path, ca: TestCA, idp: OIDCProviderProcess, sts: MotoServer, role_arn: str,
+                 dev: StandinProcess, lab: StandinProcess) -> Path:
+    (folder / "lab-token").write_text(LAB_CLUSTER_TOKEN + "\n")
+    policy = folder / "policy.yaml"
+    policy.write_text(textwrap.dedent(f"""\
+        clusters:
+          - name: dev
+            endpoint: https://{DEV_HOST}
+            connect: 127.0.0.1:{dev.port}
+            ca_file: {ca.cert_path}
+            credential:
+              eks:
+                region: us-east-1
+                cluster_name: dev
+                role_arn: {role_arn}
+                sts_endpoint: {sts.endpoint_url}
+                sts_ca_file: {sts.ca_bundle}
+          - name: lab
+            endpoint: https://{LAB_HOST}:6443
+            connect: 127.0.0.1:{lab.port}
+            ca_file: {ca.cert_path}
+            credential:
+              token_file: lab-token
+            impersonate: true
+        identity_providers:
+          - issuer: {idp.issuer}
+            client_ids: [jitgate]
+            ca_file: {idp.ca_file}
+            username_claim: email
+            groups_claim: groups
+            groups_prefix: "oidc:"
+        """))
+    return policy
+
+
+@pytest.fixture(scope="session")
+def stack(ca, idp, sts, dev_cluster, lab_cluster, tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("gateway")
+    role_arn = sts.create_role("jitgate-dev")
+    policy = write_policy(work, ca, idp, sts, role_arn, dev_cluster, lab_cluster)
+    gateway = GatewayProcess(work, policy, reverse_endpoints={"dev": f"https://{DEV_HOST}", "lab": f"https://{LAB_HOST}:6443"},
+                             env=aws_env(dict(os.environ), work)).start()
+    yield Stack(gateway, idp, sts, dev_cluster, lab_cluster, role_arn, policy)
+    gateway.stop()

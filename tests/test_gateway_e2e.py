@@ -1,0 +1,407 @@
+"""End to end: unmodified kubectl -> jitgate (real mitmdump) -> stand-in clusters, with a real OIDC
+provider and real STS semantics (moto). The caller holds only an OIDC token; the cluster sees only
+the gateway's credential; every call is audited."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jitgate.eks import decode_eks_token
+from tests.conftest import DEV_HOST, INSPECTOR_TOKEN, LAB_CLUSTER_TOKEN, LAB_HOST, Stack
+from tests.support import forge
+from tests.support.standin import KUBECTL, kubectl_env, run_kubectl, token_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alice_token(stack: Stack) -> str:
+    return stack.idp.token("alice", email="alice@example.com", email_verified=True, groups=["developers", "sre"])
+
+
+def kubeconfig(stack: Stack, path: Path, token: str, cluster: str = "dev", mode: str = "reverse") -> Path:
+    args = [str(REPO / ".venv/bin/jitgate"), "kubeconfig", "--policy", str(stack.policy), "--cluster", cluster,
+            "--user", "alice", "--token", token, "--gateway-ca", str(stack.gateway.ca_path), "-o", str(path)]
+    args += ["--server", stack.gateway.reverse_url(cluster)] if mode == "reverse" else ["--proxy", stack.gateway.proxy_url]
+    subprocess.run(args, check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def kc(stack: Stack, alice_token: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return kubeconfig(stack, tmp_path_factory.mktemp("kc") / "reverse", alice_token)
+
+
+def gateway_request(stack: Stack, method: str, path: str, headers: dict[str, str] | None = None,
+                    body: bytes | None = None, cluster: str = "dev") -> tuple[int, dict]:
+    """One raw HTTPS call to the gateway's reverse listener; returns (status, parsed JSON body)."""
+    context = ssl.create_default_context(cafile=str(stack.gateway.ca_path))
+    port = int(stack.gateway.reverse_url(cluster).rsplit(":", 1)[1])
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+def audit_for(stack: Stack, predicate, timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        events = [e for e in stack.gateway.audit_events() if predicate(e)]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
+
+
+def secrets_of(stack: Stack, *tokens: str) -> list[str]:
+    """Everything a log, recording or audit line must never contain: each token and its signature."""
+    return [t for t in tokens if t] + [t.split(".")[2] for t in tokens if t and t.count(".") == 2 and len(t.split(".")[2]) > 8]
+
+
+# --- kubectl through the gateway ------------------------------------------------------------------------
+
+
+def test_kubectl_reverse_mode_reads_and_audit(stack: Stack, kc: Path) -> None:
+    pods = run_kubectl(kc, "get", "pods", "-A", check=True).stdout
+    assert "toolbox" in pods and "nginx" in pods and "NAMESPACE" in pods
+    described = run_kubectl(kc, "describe", "pod", "-n", "dev", "toolbox", check=True).stdout
+    assert "Name:" in described and "toolbox" in described
+    listed = audit_for(stack, lambda e: e["requestURI"].startswith("/api/v1/pods") and e["verb"] == "list")
+    assert listed, "the all-namespaces list is audited"
+    event = listed[-1]
+    assert event["user"] == {"username": "alice@example.com", "groups": ["oidc:developers", "oidc:sre"]}
+    assert event["objectRef"] == {"resource": "pods", "apiVersion": "v1"}
+    assert event["responseStatus"]["code"] == 200 and event["stage"] == "ResponseComplete"
+    assert event["annotations"]["jitgate.dev/cluster"] == "dev"
+    got = audit_for(stack, lambda e: e["verb"] == "get" and e.get("objectRef", {}).get("name") == "toolbox")
+    assert got[-1]["objectRef"]["namespace"] == "dev" and got[-1]["objectRef"]["resource"] == "pods"
+
+
+def test_kubectl_create_apply_delete(stack: Stack, kc: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "cm.yaml"
+    manifest.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: e2e-settings\n  namespace: dev\ndata:\n  a: '1'\n")
+    assert "created" in run_kubectl(kc, "apply", "-f", str(manifest), check=True).stdout
+    manifest.write_text(manifest.read_text().replace("a: '1'", "a: '2'"))
+    assert "configured" in run_kubectl(kc, "apply", "-f", str(manifest), check=True).stdout
+    out = run_kubectl(kc, "get", "configmap", "-n", "dev", "e2e-settings", "-o", "jsonpath={.data.a}", check=True).stdout
+    assert out == "2"
+    ns = tmp_path / "ns.yaml"
+    ns.write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e-ns\n")
+    assert "created" in run_kubectl(kc, "create", "-f", str(ns), check=True).stdout
+    assert "deleted" in run_kubectl(kc, "delete", "configmap", "-n", "dev", "e2e-settings", check=True).stdout
+    missing = run_kubectl(kc, "get", "configmap", "-n", "dev", "e2e-settings")
+    assert missing.returncode != 0 and 'configmaps "e2e-settings" not found' in missing.stderr
+    verbs = {(e["verb"], e.get("objectRef", {}).get("name")) for e in stack.gateway.audit_events()
+             if e.get("objectRef", {}).get("resource") in ("configmaps", "namespaces")}
+    assert {("patch", "e2e-settings"), ("delete", "e2e-settings"), ("create", None)} <= verbs
+
+
+def test_watch_streams_through_unbuffered(stack: Stack, kc: Path) -> None:
+    proc = subprocess.Popen([KUBECTL, "get", "configmaps", "-n", "dev", "-w", "--output-watch-events"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kubectl_env(kc))
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: [lines.append((time.monotonic(), l.decode())) for l in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any("app-config" in l for _, l in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("app-config" in l for _, l in lines), "the initial list arrives"
+        created_at = time.monotonic()
+        stack.dev.json("POST", "/api/v1/namespaces/dev/configmaps", {"metadata": {"name": "watched-cm"}}, token=INSPECTOR_TOKEN)
+        while not any("watched-cm" in l for _, l in lines) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen = [t for t, l in lines if "watched-cm" in l]
+        assert seen, f"the event never reached kubectl: {lines}"
+        assert seen[0] - created_at < 1.0, "an event reaches the client well under a second after the cluster sends it"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    started = audit_for(stack, lambda e: e["verb"] == "watch" and e["stage"] == "ResponseStarted")
+    assert started and started[-1]["objectRef"]["resource"] == "configmaps"
+    assert audit_for(stack, lambda e: e["auditID"] == started[-1]["auditID"] and e["stage"] == "ResponseComplete")
+
+
+def test_logs_follow_streams(stack: Stack, kc: Path) -> None:
+    proc = subprocess.Popen([KUBECTL, "logs", "-f", "-n", "dev", "toolbox"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=kubectl_env(kc))
+    try:
+        first = proc.stdout.readline()
+        t0 = time.monotonic()
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert first and all(lines), "follow keeps streaming new lines"
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    assert audit_for(stack, lambda e: e.get("objectRef", {}).get("subresource") == "log" and e["stage"] == "ResponseStarted")
+
+
+def test_exec_non_interactive_and_stdin(stack: Stack, kc: Path) -> None:
+    out = run_kubectl(kc, "exec", "-n", "dev", "toolbox", "--", "cat", "/etc/hostname", check=True).stdout
+    assert out.strip() == "toolbox"
+    echoed = run_kubectl(kc, "exec", "-i", "-n", "dev", "toolbox", "--", "cat", input="hello through the gateway\n", check=True)
+    assert echoed.stdout == "hello through the gateway\n"
+    failed = run_kubectl(kc, "exec", "-n", "dev", "toolbox", "--", "sh", "-c", "exit 3")
+    assert failed.returncode == 3
+    execs = audit_for(stack, lambda e: e.get("objectRef", {}).get("subresource") == "exec")
+    assert execs and all(e["verb"] == "create" for e in execs), "an exec is never audited as a read"
+    assert {e["stage"] for e in execs} >= {"ResponseStarted", "ResponseComplete"}
+    assert "command=cat" in execs[0]["requestURI"]
+
+
+def test_exec_interactive_shell(stack: Stack, kc: Path) -> None:
+    proc = subprocess.Popen([KUBECTL, "exec", "-i", "-n", "dev", "toolbox", "--", "sh"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kubectl_env(kc))
+    out, err = proc.communicate(b"echo one\nhostname\nexit 0\n", timeout=20)
+    assert proc.returncode == 0, err
+    assert out.decode().split() == ["one", "toolbox"]
+
+
+@pytest.mark.parametrize("mode", ["https_proxy", "proxy_url"])
+def test_regular_mode(stack: Stack, alice_token: str, tmp_path: Path, mode: str) -> None:
+    if mode == "proxy_url":
+        config = kubeconfig(stack, tmp_path / "kc", alice_token, mode="proxy")
+        env = kubectl_env(config)
+    else:
+        # HTTPS_PROXY with a hostname only the gateway can reach: kubectl does not resolve it itself.
+        config = kubeconfig(stack, tmp_path / "kc", alice_token, mode="proxy")
+        text = config.read_text()
+        assert "proxy-url" in text
+        config.write_text("\n".join(l for l in text.splitlines() if "proxy-url" not in l) + "\n")
+        env = {**kubectl_env(config), "HTTPS_PROXY": stack.gateway.proxy_url}
+    result = subprocess.run([KUBECTL, "get", "pods", "-n", "prod"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "api" in result.stdout and "worker" in result.stdout
+    assert f"https://{DEV_HOST}" in config.read_text()
+    exec_out = subprocess.run([KUBECTL, "exec", "-n", "prod", "api", "--", "echo", "via", "proxy"], env=env,
+                              capture_output=True, text=True, timeout=30)
+    assert exec_out.stdout.strip() == "via proxy", exec_out.stderr
+
+
+def test_regular_mode_is_not_an_open_proxy(stack: Stack) -> None:
+    for target in ("example.com:443", "127.0.0.1:22", f"{DEV_HOST}:8443", f"127.0.0.1:{stack.dev.port}"):
+        conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.proxy_port, timeout=10)
+        conn.request("CONNECT", target)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        assert resp.status == 403, (target, resp.status)
+        assert b"not a cluster behind this gateway" in body
+    assert audit_for(stack, lambda e: e["requestURI"] == "example.com:443" and e["responseStatus"]["code"] == 403)
+
+
+def test_cluster_sees_only_the_gateway_credential(stack: Stack, kc: Path, alice_token: str) -> None:
+    stack.dev.clear_seen()
+    run_kubectl(kc, "get", "pods", "-n", "dev", check=True)
+    seen = [r for r in stack.dev.requests_seen() if not r["path"].startswith("/_standin")]
+    assert seen
+    for record in seen:
+        assert record["auth_kind"] == "eks"
+        assert record["token_sha256"] != token_sha256(alice_token)
+        assert record["eks"]["cluster"] == "dev" and "x-k8s-aws-id" in record["eks"]["signed_headers"]
+        assert record["eks"]["access_key_id"].startswith("ASIA"), "signed with the assumed role, not base keys"
+        assert record["headers"]["Host"] == DEV_HOST
+        assert not any(k.lower().startswith("impersonate-") for k in record["headers"])
+    # AssumeRole was called for alice by name, once, however many calls were made.
+    calls = [c for c in stack.sts.assume_role_calls(stack.role_arn) if c.params.get("RoleSessionName") == "alice@example.com"]
+    assert len(calls) == 1
+    assert calls[0].params["SourceIdentity"] == "alice@example.com"
+
+
+def test_token_file_cluster_with_impersonation(stack: Stack, alice_token: str, tmp_path: Path) -> None:
+    config = kubeconfig(stack, tmp_path / "kc-lab", alice_token, cluster="lab")
+    stack.lab.clear_seen()
+    run_kubectl(config, "get", "pods", "-n", "default", check=True)
+    seen = [r for r in stack.lab.requests_seen() if r["path"] == "/api/v1/namespaces/default/pods"]
+    assert seen and seen[-1]["token_sha256"] == token_sha256(LAB_CLUSTER_TOKEN)
+    assert seen[-1]["impersonate_user"] == "alice@example.com"
+    assert seen[-1]["impersonate_groups"] == ["oidc:developers", "oidc:sre"]
+    assert seen[-1]["headers"]["Host"] == f"{LAB_HOST}:6443"
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+def forged_tokens(stack: Stack) -> dict[str, tuple[str, str]]:
+    """name -> (token, expected reason fragment)"""
+    kid, key = stack.idp.signing_key()
+    now = int(time.time())
+    good = forge.id_claims(stack.idp.issuer, "mallory", "jitgate", email="mallory@example.com", email_verified=True)
+    return {
+        "expired": (forge.sign({**good, "iat": now - 7200, "exp": now - 3600}, key, kid=kid), "expired"),
+        "wrong audience": (forge.sign({**good, "aud": "someone-else"}, key, kid=kid), "audience"),
+        "unknown issuer": (forge.sign({**good, "iss": "https://evil.example"}, key, kid=kid), "not trusted"),
+        "alg none": (forge.alg_none(good, kid), "none"),
+        "hmac with public key": (forge.hs256_with_public_key(good, key.public_key(), kid), "HS256"),
+        "attacker key": (forge.sign(good, forge.attacker_rsa_key(), kid=kid), "signature"),
+        "not yet valid": (forge.sign({**good, "nbf": now + 3600}, key, kid=kid), "not yet valid"),
+        "garbage": ("definitely-not-a-jwt", "not a JWT"),
+    }
+
+
+def test_forged_tokens_are_refused_audited_and_never_logged(stack: Stack) -> None:
+    cases = forged_tokens(stack)
+    for name, (token, reason) in cases.items():
+        status, body = gateway_request(stack, "GET", "/api/v1/namespaces/dev/pods", {"Authorization": f"Bearer {token}"})
+        assert status == 401, (name, body)
+        assert body["kind"] == "Status" and body["reason"] == "Unauthorized"
+        assert reason.lower() in body["message"].lower(), (name, body["message"])
+        assert token not in body["message"]
+    status, body = gateway_request(stack, "GET", "/api/v1/namespaces/dev/pods")
+    assert status == 401 and "no bearer token" in body["message"]
+    denied = [e for e in stack.gateway.audit_events() if e["responseStatus"]["code"] == 401]
+    assert len(denied) >= len(cases) + 1
+    assert all(e["user"]["username"] == "system:anonymous" and e["annotations"]["jitgate.dev/decision"] == "deny" for e in denied)
+    written = stack.gateway.log() + stack.gateway.audit_path.read_text()
+    for token, _ in cases.values():
+        for fragment in secrets_of(stack, token):
+            assert fragment not in written
+
+
+def test_kubectl_with_a_bad_token_prints_the_reason(stack: Stack, alice_token: str, tmp_path: Path) -> None:
+    """kubectl's aggregated-discovery client cannot decode any 401 Status (against a real apiserver too),
+    so a first run says only that login is needed; once discovery is cached, as for a user whose
+    token just expired, kubectl prints the gateway's reason verbatim."""
+    kid, key = stack.idp.signing_key()
+    claims = forge.id_claims(stack.idp.issuer, "alice", "jitgate", email="alice@example.com", email_verified=True)
+    expired = forge.sign({**claims, "iat": int(time.time()) - 7200, "exp": int(time.time()) - 3600}, key, kid=kid)
+    config = kubeconfig(stack, tmp_path / "kc", expired)
+    first = run_kubectl(config, "get", "pods", "-n", "dev")
+    assert first.returncode != 0 and "You must be logged in to the server" in first.stderr
+    valid = kubeconfig(stack, tmp_path / "kc", alice_token)  # same cache folder: discovery gets cached
+    run_kubectl(valid, "get", "pods", "-n", "dev", check=True)
+    config = kubeconfig(stack, tmp_path / "kc", expired)
+    result = run_kubectl(config, "get", "pods", "-n", "dev")
+    assert result.returncode != 0
+    assert "jitgate: invalid bearer token: token has expired" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("header", ["Impersonate-User", "impersonate-group", "IMPERSONATE-UID", "Impersonate-Extra-Scopes"])
+def test_impersonation_headers_are_refused(stack: Stack, alice_token: str, header: str) -> None:
+    stack.dev.clear_seen()
+    status, body = gateway_request(stack, "GET", "/api/v1/namespaces/dev/pods",
+                                   {"Authorization": f"Bearer {alice_token}", header: "system:admin"})
+    assert status == 403 and "impersonation is not allowed" in body["message"]
+    assert not [r for r in stack.dev.requests_seen() if not r["path"].startswith("/_standin")]
+    assert audit_for(stack, lambda e: e["responseStatus"]["code"] == 403 and "impersonation" in e["annotations"].get("jitgate.dev/reason", ""))
+
+
+def test_kubectl_as_is_refused(stack: Stack, kc: Path) -> None:
+    result = run_kubectl(kc, "get", "pods", "-n", "dev", "--as", "system:admin")
+    assert result.returncode != 0 and "impersonation is not allowed" in result.stderr
+
+
+@pytest.mark.parametrize("path", ["/api/v1/namespaces/dev/pods/../../kube-system/pods", "/api/v1/namespaces/dev%2Fpods",
+                                  "/api//v1/pods", "/api/v1/namespaces/%2e%2e/pods"])
+def test_ambiguous_paths_are_refused(stack: Stack, alice_token: str, path: str) -> None:
+    status, body = gateway_request(stack, "GET", path, {"Authorization": f"Bearer {alice_token}"})
+    assert status == 400 and body["reason"] == "BadRequest" and "ambiguous" in body["message"]
+
+
+def test_websocket_subprotocol_token_is_taken_and_removed(stack: Stack, alice_token: str) -> None:
+    """Browsers send the token as a WebSocket subprotocol; it must not reach the cluster either."""
+    encoded = base64.urlsafe_b64encode(alice_token.encode()).decode().rstrip("=")
+    stack.dev.clear_seen()
+    status, _ = gateway_request(stack, "GET", "/api/v1/namespaces/dev/pods",
+                                {"Sec-WebSocket-Protocol": f"base64url.bearer.authorization.k8s.io.{encoded}, v5.channel.k8s.io"})
+    assert status == 200
+    (record,) = [r for r in stack.dev.requests_seen() if r["path"] == "/api/v1/namespaces/dev/pods"]
+    assert record["auth_kind"] == "eks"
+    assert record["headers"].get("Sec-WebSocket-Protocol") == "v5.channel.k8s.io"
+
+
+def test_plaintext_to_a_reverse_listener_is_refused(stack: Stack, alice_token: str) -> None:
+    port = int(stack.gateway.reverse_url("dev").rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/api/v1/namespaces/dev/pods", headers={"Authorization": f"Bearer {alice_token}"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status in (400, 401) and body["kind"] == "Status"
+
+
+def test_no_credential_in_logs_or_recordings(stack: Stack, alice_token: str, tmp_path: Path, ca, idp, sts, dev_cluster, lab_cluster) -> None:
+    """A gateway run with verbose flow logging, `-w` flow files and a HAR: no caller token, no EKS token."""
+    from tests.conftest import aws_env
+    from tests.support.gateway import GatewayProcess
+
+    flows, har = tmp_path / "flows.mitm", tmp_path / "session.har"
+    gateway = GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
+                             options={"save_stream_file": str(flows), "hardump": str(har), "flow_detail": "4"},
+                             env=aws_env(dict(os.environ), tmp_path))
+    gateway.start()
+    try:
+        config = tmp_path / "kc"
+        subprocess.run([str(REPO / ".venv/bin/jitgate"), "kubeconfig", "--policy", str(stack.policy), "--cluster", "dev",
+                        "--user", "alice", "--token", alice_token, "--gateway-ca", str(gateway.ca_path),
+                        "--server", gateway.reverse_url("dev"), "-o", str(config)], check=True)
+        run_kubectl(config, "get", "pods", "-n", "dev", check=True)
+        run_kubectl(config, "exec", "-n", "dev", "toolbox", "--", "echo", "hi", check=True)
+        eks_tokens = {r["token_sha256"] for r in stack.dev.requests_seen() if r["auth_kind"] == "eks"}
+    finally:
+        gateway.stop()
+    assert flows.exists() and har.exists()
+    written = gateway.log().encode() + flows.read_bytes() + har.read_bytes() + gateway.audit_path.read_bytes()
+    assert b"GET" in written
+    for fragment in secrets_of(stack, alice_token):
+        assert fragment.encode() not in written
+    assert b"k8s-aws-v1." not in written and b"Bearer" not in written
+    assert eks_tokens
+
+
+def test_audit_failure_fails_closed(stack: Stack, alice_token: str, tmp_path: Path) -> None:
+    """/dev/full accepts the open and fails every write: no call may get through."""
+    from tests.conftest import aws_env
+    from tests.support.gateway import GatewayProcess
+
+    gateway = GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
+                             options={"audit_log": "/dev/full"}, env=aws_env(dict(os.environ), tmp_path))
+    gateway.start()
+    try:
+        stack.dev.clear_seen()
+        statuses = []
+        for _ in range(3):
+            context = ssl.create_default_context(cafile=str(gateway.ca_path))
+            conn = http.client.HTTPSConnection("127.0.0.1", gateway.reverse["dev"][1], context=context, timeout=10)
+            conn.request("DELETE", "/api/v1/namespaces/dev/configmaps/app-config", headers={"Authorization": f"Bearer {alice_token}"})
+            resp = conn.getresponse()
+            statuses.append((resp.status, json.loads(resp.read())["message"]))
+            conn.close()
+    finally:
+        gateway.stop()
+    assert all(code in (500, 503) and "audit log cannot be written" in msg for code, msg in statuses), statuses
+    # Only the first call can have reached the cluster before the log was known to fail.
+    deletes = [r for r in stack.dev.requests_seen() if r["method"] == "DELETE"]
+    assert len(deletes) <= 1
+
+
+def test_policy_error_stops_the_start(stack: Stack, tmp_path: Path) -> None:
+    from tests.support.gateway import GatewayProcess
+
+    bad = stack.policy.with_name("bad-policy.yaml")  # beside the original, so its relative paths hold
+    bad.write_text(stack.policy.read_text().replace("username_claim: email", "username_claim: email\n    algorithms: [none]"))
+    gateway = GatewayProcess(tmp_path / "gw", bad)
+    proc = subprocess.Popen(gateway.command(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    # The issuer's settings are checked together, so the error points at the provider's first line.
+    line = next(i for i, l in enumerate(bad.read_text().splitlines(), 1) if "- issuer:" in l)
+    assert f"{bad}:{line}: identity_providers[0]: algorithms" in output, output
+    assert "none" in output
