@@ -405,3 +405,74 @@ def test_policy_error_stops_the_start(stack: Stack, tmp_path: Path) -> None:
     line = next(i for i, l in enumerate(bad.read_text().splitlines(), 1) if "- issuer:" in l)
     assert f"{bad}:{line}: identity_providers[0]: algorithms" in output, output
     assert "none" in output
+
+
+def open_watch(port: int, ca_path: Path, token: str) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+    context = ssl.create_default_context(cafile=str(ca_path))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=15)
+    conn.request("GET", "/api/v1/namespaces/prod/configmaps?watch=true", headers={"Authorization": f"Bearer {token}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert b"ADDED" in resp.readline()  # the initial state
+    return conn, resp
+
+
+def test_quiet_watch_outlives_the_proxy_idle_timeout(stack: Stack, alice_token: str, tmp_path: Path) -> None:
+    """tcp_timeout=2 would cut a watch quiet for 3 s; watch_idle_timeout raises it. Control: without the raise it is cut."""
+    from tests.conftest import aws_env
+    from tests.support.gateway import GatewayProcess
+
+    outcomes = {}
+    for name, idle in (("raised", "6"), ("control", "2")):
+        gateway = GatewayProcess(tmp_path / name, stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
+                                 options={"tcp_timeout": "2", "watch_idle_timeout": idle},
+                                 env=aws_env(dict(os.environ), tmp_path)).start()
+        try:
+            conn, resp = open_watch(gateway.reverse["dev"][1], gateway.ca_path, alice_token)
+            time.sleep(3.5)
+            stack.dev.json("POST", "/api/v1/namespaces/prod/configmaps", {"metadata": {"name": f"quiet-{name}"}},
+                           token=INSPECTOR_TOKEN)
+            try:
+                outcomes[name] = b"".join(resp.readline() for _ in range(3))
+            except OSError as e:
+                outcomes[name] = repr(e).encode()
+            conn.close()
+        finally:
+            gateway.stop()
+    assert b"quiet-raised" in outcomes["raised"], outcomes
+    assert b"quiet-control" not in outcomes["control"], outcomes
+
+
+def test_client_certificate_credential(stack: Stack, ca, alice_token: str, tmp_path: Path) -> None:
+    """A cluster reached with a client certificate held by the gateway, set on the upstream TLS connection."""
+    from tests.conftest import aws_env
+    from tests.support.gateway import GatewayProcess
+    from tests.support.standin import StandinProcess
+
+    client_cert, client_key = ca.issue("jitgate-gateway-client", client=True)
+    host = "api.certs.jitgate.test"
+    with StandinProcess(tmp_path / "standin").start(ca, tokens=[INSPECTOR_TOKEN], client_ca=ca.cert_path, hostnames=[host]) as api:
+        policy = tmp_path / "policy.yaml"
+        text = stack.policy.read_text()
+        idp_section = text[text.index("identity_providers:"):]
+        policy.write_text(f"""clusters:
+  - name: certs
+    endpoint: https://{host}
+    connect: 127.0.0.1:{api.port}
+    ca_file: {ca.cert_path}
+    credential:
+      client_cert: {{cert_file: {client_cert}, key_file: {client_key}}}
+{idp_section}""")
+        gateway = GatewayProcess(tmp_path / "gw", policy, reverse_endpoints={"certs": f"https://{host}"},
+                                 env=aws_env(dict(os.environ), tmp_path)).start()
+        try:
+            config = tmp_path / "kc"
+            subprocess.run([str(REPO / ".venv/bin/jitgate"), "kubeconfig", "--policy", str(policy), "--cluster", "certs",
+                            "--user", "alice", "--token", alice_token, "--gateway-ca", str(gateway.ca_path),
+                            "--server", gateway.reverse_url("certs"), "-o", str(config)], check=True)
+            assert "toolbox" in run_kubectl(config, "get", "pods", "-n", "dev", check=True).stdout
+            seen = [r for r in api.requests_seen() if r["path"] == "/api/v1/namespaces/dev/pods"]
+        finally:
+            gateway.stop()
+    assert seen and seen[-1]["auth_kind"] == "cert" and "jitgate-gateway-client" in seen[-1]["cert_subject"]
+    assert seen[-1]["token_sha256"] is None

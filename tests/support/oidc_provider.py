@@ -62,11 +62,11 @@ class OIDCProviderProcess:
             raise RuntimeError("provider not started")
         return f"https://127.0.0.1:{self.port}"
 
-    def start(self, ca: TestCA) -> Self:
+    def start(self, ca: TestCA, port: int | None = None) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         cert, key, self.ca_file = strict_server_cert(ca, self.directory, self.name, ["127.0.0.1", "localhost"])
         self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
-        self.port = free_port()
+        self.port = port or free_port()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [

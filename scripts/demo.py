@@ -1,0 +1,150 @@
+"""The quick-start demo: a local stand-in cluster, a real OIDC provider and the gateway in front.
+
+    scripts/quickstart              # run until Ctrl-C
+    scripts/quickstart --no-wait    # set up, show kubectl working through the gateway, stop
+
+Everything it makes lives in state/demo/ (certificates, the cluster token only the gateway reads,
+kubeconfigs) and state/audit.log; the gateway's CA is made in certs/ on first start. The ports are
+the ones policies/demo.yaml names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jitgate import kubeconfig  # noqa: E402
+from jitgate.policy import load_policy  # noqa: E402
+from tests.support.net import TestCA, stop, wait_for_port  # noqa: E402
+from tests.support.oidc_provider import OIDCProviderProcess  # noqa: E402
+
+POLICY = REPO / "policies" / "demo.yaml"
+STATE = REPO / "state" / "demo"
+PORTS = {"stand-in cluster": 16443, "OIDC provider": 16600, "gateway (regular mode)": 18080, "gateway (reverse mode)": 17443}
+ENDPOINT = "https://api.demo.jitgate.test:443"
+BIN = Path(sys.executable).parent
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-wait", action="store_true", help="stop after showing kubectl working through the gateway")
+    parser.add_argument("--user", default="alice", help="demo user (default: alice)")
+    parser.add_argument("--groups", default="developers,sre", help="comma-separated groups (default: developers,sre)")
+    args = parser.parse_args()
+
+    busy = [f"{name} port {port}" for name, port in PORTS.items() if port_in_use(port)]
+    if busy:
+        print(f"quickstart: already in use: {', '.join(busy)} (is another quickstart running?)", file=sys.stderr)
+        return 2
+
+    shutil.rmtree(STATE, ignore_errors=True)
+    STATE.mkdir(parents=True, mode=0o700)
+    ca = TestCA.create(STATE)  # state/demo/ca.pem: signs the stand-in's and the provider's certificates
+    cluster_token = STATE / "cluster-token"
+    cluster_token.write_text(secrets.token_urlsafe(32))
+    cluster_token.chmod(0o600)
+    cert, key = ca.issue("standin", ["127.0.0.1", "localhost", "api.demo.jitgate.test"])
+
+    procs: list[subprocess.Popen] = []
+    idp = OIDCProviderProcess(STATE / "idp")
+
+    def shutdown(*_: object) -> None:
+        for proc in reversed(procs):
+            stop(proc)
+        idp.stop()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        standin_log = (STATE / "standin.log").open("wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jitgate.standin", "--port", str(PORTS["stand-in cluster"]), "--cert", str(cert),
+             "--key", str(key), "--token", cluster_token.read_text()],
+            stdout=standin_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        idp.start(ca, port=PORTS["OIDC provider"])
+        wait_for_port(PORTS["stand-in cluster"], procs[0])
+
+        (REPO / "state").mkdir(exist_ok=True)
+        gateway_log = (STATE / "gateway.log").open("wb")
+        gateway = subprocess.Popen(
+            [str(BIN / "mitmdump"), "-s", str(REPO / "addons/gateway.py"), "--set", f"policy={POLICY}",
+             "--set", f"confdir={REPO / 'certs'}", "--set", f"audit_log={REPO / 'state/audit.log'}",
+             "--mode", f"regular@127.0.0.1:{PORTS['gateway (regular mode)']}",
+             "--mode", f"reverse:{ENDPOINT}@127.0.0.1:{PORTS['gateway (reverse mode)']}"],
+            cwd=REPO, stdout=gateway_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        procs.append(gateway)
+        wait_for_port(PORTS["gateway (regular mode)"], gateway, timeout=30)
+        wait_for_port(PORTS["gateway (reverse mode)"], gateway, timeout=30)
+
+        email = f"{args.user}@example.com"
+        id_token = idp.token(args.user, email=email, email_verified=True, groups=args.groups.split(","))
+        cluster = load_policy(POLICY).by_name["demo"]
+        gateway_ca = (REPO / "certs/mitmproxy-ca-cert.pem").read_bytes()
+        tokens = kubeconfig.TokenSource(token=id_token)
+        configs = {
+            "reverse": kubeconfig.build_kubeconfig(cluster, email, gateway_ca, tokens,
+                                                   server_url=f"https://127.0.0.1:{PORTS['gateway (reverse mode)']}"),
+            "proxy": kubeconfig.build_kubeconfig(cluster, email, gateway_ca, tokens,
+                                                 proxy_url=f"http://127.0.0.1:{PORTS['gateway (regular mode)']}"),
+        }
+        for mode, config in configs.items():
+            kubeconfig.write(config, STATE / f"kubeconfig-{mode}")
+
+        env = {**os.environ, "KUBECONFIG": str(STATE / "kubeconfig-reverse"), "KUBECACHEDIR": str(STATE / "kube-cache")}
+        print(f"$ KUBECONFIG=state/demo/kubeconfig-reverse kubectl get pods -A   # as {email}, through jitgate")
+        result = subprocess.run([str(BIN / "kubectl"), "get", "pods", "-A"], env=env, capture_output=True, text=True, timeout=60)
+        print(result.stdout or result.stderr, end="")
+        audit_lines = (REPO / "state/audit.log").read_text().splitlines()
+        last = json.loads(audit_lines[-1])
+        print(f"\nlast audit event (state/audit.log): {last['verb']} {last['requestURI']} by {last['user']['username']} "
+              f"-> {last['responseStatus']['code']} ({last['annotations'].get('jitgate.dev/decision')})")
+        if result.returncode != 0:
+            print(f"quickstart: kubectl failed; see state/demo/gateway.log", file=sys.stderr)
+            return 1
+        print(textwrap_instructions(email))
+        if args.no_wait:
+            return 0
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("quickstart: a process ended; see state/demo/*.log", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        shutdown()
+
+
+def textwrap_instructions(email: str) -> str:
+    return f"""
+jitgate is running in front of the demo cluster (Ctrl-C stops everything). In another terminal:
+
+    export KUBECONFIG=$PWD/state/demo/kubeconfig-reverse     # or kubeconfig-proxy (regular mode)
+    export PATH=$PWD/.venv/bin:$PATH                          # kubectl from the venv
+    kubectl get pods -n dev
+    kubectl exec -n dev toolbox -- cat /etc/hostname
+    kubectl get configmaps -A -w
+    tail -f state/audit.log
+
+You are {email}, holding only an OIDC ID token; the gateway alone holds the cluster token
+(state/demo/cluster-token) and tells the cluster who you are with impersonation headers.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
