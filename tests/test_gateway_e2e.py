@@ -476,3 +476,13 @@ def test_client_certificate_credential(stack: Stack, ca, alice_token: str, tmp_p
             gateway.stop()
     assert seen and seen[-1]["auth_kind"] == "cert" and "jitgate-gateway-client" in seen[-1]["cert_subject"]
     assert seen[-1]["token_sha256"] is None
+
+
+def test_plain_http_through_the_proxy_is_refused(stack: Stack, alice_token: str) -> None:
+    """An absolute-form http:// request in regular mode would carry the token in clear text: refused."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.proxy_port, timeout=10)
+    conn.request("GET", f"http://{DEV_HOST}/api/v1/namespaces/dev/pods", headers={"Authorization": f"Bearer {alice_token}"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status in (400, 403) and body["kind"] == "Status", body
