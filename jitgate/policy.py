@@ -18,8 +18,13 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from typing import TYPE_CHECKING
+
 from jitgate.eks import EKSClusterCredentialConfig
 from jitgate.oidc import IssuerConfig
+
+if TYPE_CHECKING:
+    from jitgate.access import AccessRule
 
 
 class PolicyError(Exception):
@@ -73,6 +78,7 @@ class Policy:
     sources: tuple[Path, ...]
     by_endpoint: dict[tuple[str, int], Cluster] = field(repr=False)
     by_name: dict[str, Cluster] = field(repr=False)
+    access_rules: tuple["AccessRule", ...] = ()
 
     def cluster_for(self, host: str, port: int) -> Cluster | None:
         return self.by_endpoint.get((host.lower(), port))
@@ -311,7 +317,7 @@ def _identity_provider(node: Node) -> IssuerConfig:
     return config
 
 
-SECTIONS = ("clusters", "identity_providers")
+SECTIONS = ("clusters", "identity_providers", "access_rules")
 
 
 def _read_file(path: Path) -> CommentedMap:
@@ -352,9 +358,12 @@ def load_policy(path: Path | str) -> Policy:
     by_endpoint: dict[tuple[str, int], Cluster] = {}
     by_name: dict[str, Cluster] = {}
     seen_issuers: dict[str, str] = {}
+    rule_nodes: list[Node] = []
     files = policy_files(path)
     for file in files:
         root = Node(_read_file(file), file, "")
+        # Rules may name clusters from any file: read them once every cluster is known.
+        rule_nodes.extend(root.children("access_rules"))
         for node in root.children("clusters"):
             cluster = _cluster(node)
             if cluster.name in by_name:
@@ -382,7 +391,10 @@ def load_policy(path: Path | str) -> Policy:
         raise PolicyError(files[0], None, "clusters", "no cluster is defined in any policy file")
     if not issuers:
         raise PolicyError(files[0], None, "identity_providers", "no identity provider is defined in any policy file")
-    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name)
+    from jitgate.access import parse_access_rules  # access imports this module's types
+
+    rules = parse_access_rules(rule_nodes, by_name)
+    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules)
 
 
 _cache_lock = threading.Lock()

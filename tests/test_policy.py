@@ -182,3 +182,39 @@ def test_shipped_examples_are_valid(tmp_path: Path) -> None:
     policy = load_policy(write(tmp_path, text))
     assert [c.name for c in policy.clusters] == ["prod-eu", "staging"]
     assert policy.clusters[1].connect == ("10.0.12.34", 443)
+
+
+RULES = """
+    access_rules:
+      - name: dev-read
+        requesters: [oidc:developers]
+        clusters: [dev]
+        namespaces: [dev]
+        resources: [pods, pods/log]
+        verbs: [get, list, watch]
+        duration: {default: 1h, max: 4h}
+        approval: {mode: reviewers, reviewers: [oidc:sre], required: 2}
+"""
+
+
+def test_access_rules_section(files: Path) -> None:
+    policy = load_policy(write(files, GOOD + RULES))
+    (rule,) = policy.access_rules
+    assert rule.name == "dev-read" and rule.approval.required == 2
+
+
+def test_access_rules_may_name_clusters_from_another_file(files: Path) -> None:
+    folder = files / "split"
+    folder.mkdir()
+    write(folder, RULES, "00-rules.yaml")
+    write(folder, GOOD.replace(": ca.pem", ": ../ca.pem").replace("token_file: token", "token_file: ../token")
+          .replace("client.pem,", "../client.pem,").replace("client-key.pem}", "../client-key.pem}"), "10-base.yaml")
+    assert [r.name for r in load_policy(folder).access_rules] == ["dev-read"]
+
+
+def test_access_rule_errors_are_located(files: Path) -> None:
+    path = write(files, GOOD + RULES.replace("clusters: [dev]", "clusters: [nope]"))
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "clusters: [nope]" in l)
+    assert err.value.line == line and "access_rules[0].clusters" in str(err.value) and "nope" in str(err.value)
