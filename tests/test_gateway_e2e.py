@@ -486,3 +486,37 @@ def test_plain_http_through_the_proxy_is_refused(stack: Stack, alice_token: str)
     body = json.loads(resp.read())
     conn.close()
     assert resp.status in (400, 403) and body["kind"] == "Status", body
+
+
+def test_exec_interactive_tty(stack: Stack, kc: Path) -> None:
+    """`kubectl exec -it` on a real terminal, through the gateway: prompt, command, exit code."""
+    import select
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen([KUBECTL, "exec", "-it", "-n", "dev", "toolbox", "--", "sh"], stdin=slave, stdout=slave,
+                            stderr=slave, env=kubectl_env(kc), start_new_session=True)
+    os.close(slave)
+    screen = b""
+
+    def expect(token: bytes, timeout: float = 10) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + timeout
+        while token not in screen:
+            assert time.monotonic() < deadline, f"{token!r} not in {screen!r}"
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    screen += os.read(master, 4096)
+                except OSError:
+                    break
+
+    try:
+        expect(b"toolbox:/# ")
+        os.write(master, b"echo hello $HOSTNAME\r")
+        expect(b"hello toolbox\r\n")
+        os.write(master, b"exit 5\r")
+        assert proc.wait(10) == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(master)
