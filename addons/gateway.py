@@ -19,8 +19,10 @@ CHAIN = (
     "clusters",  # which cluster; refuse hosts that are none (no open proxy); verified upstream TLS
     "identity",  # OIDC token -> username and groups; strip caller credentials; refuse impersonation
     "request_attributes",  # verb, resource, namespace, name, exec command, as kube-apiserver reads them
+    "streaming",  # watch / log -f flow through unbuffered; marks long-running calls
+    "access_api",  # /jitgate/v1/: requests, reviews, grants, whoami (answered here, never forwarded)
+    "grants",  # an active grant must cover the call (or it is held for approval); ends sessions of ended grants
     "upstream_credential",  # the gateway's own cluster credential; scrubbed once sent
-    "streaming",  # watch / log -f flow through unbuffered
     "audit",  # one audit.k8s.io Event per call, written before the response is released
 )
 

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from jitgate.eks import EKSClusterCredentialConfig, EKSTokenProvider, UpstreamCredentialError
 from jitgate.mitm import call_of, current_policy, declare_policy_option, refuse
@@ -64,6 +64,12 @@ class UpstreamCredential:
 
     def load(self, loader) -> None:
         declare_policy_option(loader)
+        loader.add_option(
+            "require_grant", bool, True,
+            "Forward only calls an earlier step (addons/grants.py) explicitly allowed. Turn off only to "
+            "run the authenticated data path without just-in-time grants: then every authenticated "
+            "caller reaches the cluster with the gateway's credential.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "policy" in updated:
@@ -94,6 +100,11 @@ class UpstreamCredential:
             refuse(flow, 500, "jitgate: refusing to forward a call that was not checked "
                               "(load addons/gateway.py, or clusters, identity and request_attributes first)")
             return
+        if not call.decision:
+            if ctx.options.require_grant:
+                refuse(flow, 403, "jitgate: no step allowed this call (is addons/grants.py loaded?), so it is refused")
+                return
+            call.allow("authenticated (require_grant is off)")
         try:
             token = await self.bearer_token(call.cluster, call.identity.username)
         except UpstreamCredentialError as e:
@@ -106,8 +117,6 @@ class UpstreamCredential:
         if call.cluster.impersonate:
             headers["Impersonate-User"] = call.identity.username
             headers.set_all("Impersonate-Group", list(call.identity.groups))
-        if not call.decision:
-            call.allow("authenticated")
 
     @staticmethod
     def scrub(flow: http.HTTPFlow) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from jitgate.access import Grant
 from jitgate.oidc import Identity
 from jitgate.policy import Cluster
 from jitgate.requestinfo import RequestInfo
@@ -25,6 +26,7 @@ class Call:
     cluster: Cluster | None = None
     identity: Identity | None = None
     info: RequestInfo | None = None
+    grant: Grant | None = None  # the grant that allowed the call
     decision: str = ""  # "" until a step decides; ALLOW or DENY after
     reason: str = ""  # why, in words an operator reads in the audit log
     long_running: bool = False  # watch, log follow, exec: audited at start and at end

@@ -50,3 +50,18 @@ def current_policy() -> Policy:
         return load_policy_cached(ctx.options.policy)
     except PolicyError as e:
         raise exceptions.OptionsError(f"policy error: {e}") from None
+
+
+def close_client_connection(flow: http.HTTPFlow, reason: str) -> bool:
+    """End a live client connection now, even mid-stream (a quiet watch, an idle exec session).
+
+    `flow.kill()` only takes effect at the flow's next event (mitmproxy#4711), which may never come
+    on a quiet stream; this cancels the connection's handler the way mitmproxy's idle timeout does.
+    """
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(flow.client_conn.id) if server else None
+    transport = handler.transports.get(handler.client) if handler else None
+    if transport is None or transport.handler is None:
+        return False
+    transport.handler.cancel(reason)
+    return True

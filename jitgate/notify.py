@@ -125,7 +125,7 @@ def make_event(kind: str, request: Mapping[str, Any], actor: str | None = None, 
     links = {"show_command": f"{CLI} show {quoted}"}
     if view["state"] == "pending":
         links["approve_command"] = f"{CLI} approve {quoted}"
-        links["deny_command"] = f"{CLI} deny {quoted}"
+        links["deny_command"] = f"{CLI} deny {quoted} --reason '...'"
     return {
         "type": EVENT_PREFIX + kind,
         "id": str(uuid.uuid4()),

@@ -21,10 +21,12 @@ from ruamel.yaml.error import MarkedYAMLError
 from typing import TYPE_CHECKING
 
 from jitgate.eks import EKSClusterCredentialConfig
+from jitgate.notify import parse_notifications
 from jitgate.oidc import IssuerConfig
 
 if TYPE_CHECKING:
     from jitgate.access import AccessRule
+    from jitgate.notify import Webhook
 
 
 class PolicyError(Exception):
@@ -79,6 +81,7 @@ class Policy:
     by_endpoint: dict[tuple[str, int], Cluster] = field(repr=False)
     by_name: dict[str, Cluster] = field(repr=False)
     access_rules: tuple["AccessRule", ...] = ()
+    webhooks: tuple["Webhook", ...] = ()
 
     def cluster_for(self, host: str, port: int) -> Cluster | None:
         return self.by_endpoint.get((host.lower(), port))
@@ -317,7 +320,7 @@ def _identity_provider(node: Node) -> IssuerConfig:
     return config
 
 
-SECTIONS = ("clusters", "identity_providers", "access_rules")
+SECTIONS = ("clusters", "identity_providers", "access_rules", "notifications")
 
 
 def _read_file(path: Path) -> CommentedMap:
@@ -359,11 +362,13 @@ def load_policy(path: Path | str) -> Policy:
     by_name: dict[str, Cluster] = {}
     seen_issuers: dict[str, str] = {}
     rule_nodes: list[Node] = []
+    webhooks: list = []
     files = policy_files(path)
     for file in files:
         root = Node(_read_file(file), file, "")
         # Rules may name clusters from any file: read them once every cluster is known.
         rule_nodes.extend(root.children("access_rules"))
+        webhooks.extend(parse_notifications(root.child("notifications")))
         for node in root.children("clusters"):
             cluster = _cluster(node)
             if cluster.name in by_name:
@@ -394,7 +399,7 @@ def load_policy(path: Path | str) -> Policy:
     from jitgate.access import parse_access_rules  # access imports this module's types
 
     rules = parse_access_rules(rule_nodes, by_name)
-    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules)
+    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules, tuple(webhooks))
 
 
 _cache_lock = threading.Lock()

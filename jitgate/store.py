@@ -160,6 +160,10 @@ class Store(ABC):
         ending sessions of grants revoked by another process."""
 
     @abstractmethod
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 for none): where a new reader's cursor starts."""
+
+    @abstractmethod
     def change_counter(self) -> Hashable:
         """A cheap value that differs after any committed change, by this process or another:
         re-read cached grants when it changed."""
@@ -592,6 +596,10 @@ class SQLiteStore(Store):
     def events_since(self, after_id: int = 0, limit: int = 1000) -> list[Event]:
         with self._transaction(write=False) as db:
             return [_event(r) for r in db.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), int(limit)))]
+
+    def last_event_id(self) -> int:
+        with self._transaction(write=False) as db:
+            return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
 
     def change_counter(self) -> Hashable:
         db = self._connection()

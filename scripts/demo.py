@@ -4,7 +4,7 @@
     scripts/quickstart --no-wait    # set up, show kubectl working through the gateway, stop
 
 Everything it makes lives in state/demo/ (certificates, the cluster token only the gateway reads,
-kubeconfigs) and state/audit.log; the gateway's CA is made in certs/ on first start. The ports are
+kubeconfigs for alice and the reviewers bob and carol, the grant store) and state/audit.log; the gateway's CA is made in certs/ on first start. The ports are
 the ones policies/demo.yaml names.
 """
 
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -85,6 +86,7 @@ def main() -> int:
         gateway = subprocess.Popen(
             [str(BIN / "mitmdump"), "-s", str(REPO / "addons/gateway.py"), "--set", f"policy={POLICY}",
              "--set", f"confdir={REPO / 'certs'}", "--set", f"audit_log={REPO / 'state/audit.log'}",
+             "--set", f"grant_store={STATE / 'jitgate.db'}",
              "--mode", f"regular@127.0.0.1:{PORTS['gateway (regular mode)']}",
              "--mode", f"reverse:{ENDPOINT}@127.0.0.1:{PORTS['gateway (reverse mode)']}"],
             cwd=REPO, stdout=gateway_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -92,30 +94,41 @@ def main() -> int:
         wait_for_port(PORTS["gateway (regular mode)"], gateway, timeout=30)
         wait_for_port(PORTS["gateway (reverse mode)"], gateway, timeout=30)
 
-        email = f"{args.user}@example.com"
-        id_token = idp.token(args.user, email=email, email_verified=True, groups=args.groups.split(","))
         cluster = load_policy(POLICY).by_name["demo"]
         gateway_ca = (REPO / "certs/mitmproxy-ca-cert.pem").read_bytes()
-        tokens = kubeconfig.TokenSource(token=id_token)
-        configs = {
-            "reverse": kubeconfig.build_kubeconfig(cluster, email, gateway_ca, tokens,
-                                                   server_url=f"https://127.0.0.1:{PORTS['gateway (reverse mode)']}"),
-            "proxy": kubeconfig.build_kubeconfig(cluster, email, gateway_ca, tokens,
-                                                 proxy_url=f"http://127.0.0.1:{PORTS['gateway (regular mode)']}"),
-        }
-        for mode, config in configs.items():
-            kubeconfig.write(config, STATE / f"kubeconfig-{mode}")
+        reverse_url = f"https://127.0.0.1:{PORTS['gateway (reverse mode)']}"
+        users = {args.user: args.groups.split(","), "bob": ["sre"], "carol": ["sre"]}
+        for name, groups in users.items():
+            email = f"{name}@example.com"
+            tokens = kubeconfig.TokenSource(token=idp.token(name, email=email, email_verified=True, groups=groups))
+            kubeconfig.write(kubeconfig.build_kubeconfig(cluster, email, gateway_ca, tokens, server_url=reverse_url),
+                             STATE / f"kubeconfig-{name}")
+            if name == args.user:
+                kubeconfig.write(kubeconfig.build_kubeconfig(
+                    cluster, email, gateway_ca, tokens, proxy_url=f"http://127.0.0.1:{PORTS['gateway (regular mode)']}"),
+                    STATE / "kubeconfig-proxy")
+        email = f"{args.user}@example.com"
 
-        env = {**os.environ, "KUBECONFIG": str(STATE / "kubeconfig-reverse"), "KUBECACHEDIR": str(STATE / "kube-cache")}
-        print(f"$ KUBECONFIG=state/demo/kubeconfig-reverse kubectl get pods -A   # as {email}, through jitgate")
-        result = subprocess.run([str(BIN / "kubectl"), "get", "pods", "-A"], env=env, capture_output=True, text=True, timeout=60)
-        print(result.stdout or result.stderr, end="")
+        def run(*argv: str, user: str = args.user) -> subprocess.CompletedProcess:
+            env = {**os.environ, "KUBECONFIG": str(STATE / f"kubeconfig-{user}"), "KUBECACHEDIR": str(STATE / "kube-cache" / user)}
+            shown = shlex.join(argv)
+            print(f"\n$ {shown}" + (f"      # as {user}" if user != args.user else ""))
+            result = subprocess.run([str(BIN / argv[0]), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
+            print((result.stdout + result.stderr).rstrip())
+            return result
+
+        print(f"You are {email} (groups: {args.groups}), holding only an OIDC ID token. Nobody has standing access:")
+        refused = run("kubectl", "get", "pods", "-n", "dev")
+        granted = run("jitgate", "request", "--cluster", "demo", "--namespace", "dev", "--resource", "pods",
+                      "--verb", "get", "--verb", "list", "--verb", "watch", "--duration", "1h", "--reason", "quick start")
+        result = run("kubectl", "get", "pods", "-n", "dev")
         audit_lines = (REPO / "state/audit.log").read_text().splitlines()
         last = json.loads(audit_lines[-1])
         print(f"\nlast audit event (state/audit.log): {last['verb']} {last['requestURI']} by {last['user']['username']} "
-              f"-> {last['responseStatus']['code']} ({last['annotations'].get('jitgate.dev/decision')})")
-        if result.returncode != 0:
-            print(f"quickstart: kubectl failed; see state/demo/gateway.log", file=sys.stderr)
+              f"-> {last['responseStatus']['code']} ({last['annotations'].get('jitgate.dev/decision')}, "
+              f"grant {last['annotations'].get('jitgate.dev/grant')})")
+        if refused.returncode == 0 or granted.returncode != 0 or result.returncode != 0:
+            print("quickstart: the demo did not go as expected; see state/demo/gateway.log", file=sys.stderr)
             return 1
         print(textwrap_instructions(email))
         if args.no_wait:
@@ -131,18 +144,27 @@ def main() -> int:
 
 
 def textwrap_instructions(email: str) -> str:
+    user = email.split("@")[0]
     return f"""
 jitgate is running in front of the demo cluster (Ctrl-C stops everything). In another terminal:
 
-    export KUBECONFIG=$PWD/state/demo/kubeconfig-reverse     # or kubeconfig-proxy (regular mode)
-    export PATH=$PWD/.venv/bin:$PATH                          # kubectl from the venv
-    kubectl get pods -n dev
-    kubectl exec -n dev toolbox -- cat /etc/hostname
-    kubectl get configmaps -A -w
+    export PATH=$PWD/.venv/bin:$PATH                        # kubectl and jitgate from the venv
+    export KUBECONFIG=$PWD/state/demo/kubeconfig-{user}     # or kubeconfig-proxy (regular mode)
+    kubectl get pods -n dev -w                              # granted above
+
+    # exec in prod needs two SREs (never the requester):
+    jitgate request --cluster demo --namespace prod --resource pods --resource pods/exec \\
+        --verb get --verb create --duration 30m --reason "look at the api pod"
+    KUBECONFIG=state/demo/kubeconfig-bob   jitgate list --reviewable
+    KUBECONFIG=state/demo/kubeconfig-bob   jitgate approve <request id>
+    KUBECONFIG=state/demo/kubeconfig-carol jitgate approve <request id>
+    kubectl exec -n prod api -- cat /etc/hostname
+    KUBECONFIG=state/demo/kubeconfig-bob   jitgate revoke <grant id> --reason "done"   # ends live sessions
+    jitgate whoami
     tail -f state/audit.log
 
-You are {email}, holding only an OIDC ID token; the gateway alone holds the cluster token
-(state/demo/cluster-token) and tells the cluster who you are with impersonation headers.
+The gateway alone holds the cluster token (state/demo/cluster-token) and tells the cluster who you
+are with impersonation headers. Grants live in state/demo/jitgate.db.
 """
 
 

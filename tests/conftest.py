@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +78,48 @@ class Stack:
     lab: StandinProcess
     role_arn: str
     policy: Path
+    grant_store: Path
+
+
+# Broad access for the data-path tests, granted through the real workflow (one reviewer approves).
+E2E_RULES = """\
+access_rules:
+  - name: e2e-admin
+    requesters: [oidc:developers]
+    clusters: ["*"]
+    namespaces: ["*"]
+    cluster_wide: true
+    resources: ["*", secrets, pods/log, pods/exec, pods/attach]
+    verbs: [get, list, watch, create, update, patch, delete, deletecollection]
+    duration: {default: 8h, max: 8h}
+    approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}
+"""
+
+ALICE = ("alice@example.com", ("oidc:developers", "oidc:sre"))
+REVIEWER = ("rita@example.com", ("oidc:sre",))
+
+
+def grant_everything(grant_store: Path, policy: Path, cluster: str, user: tuple = ALICE) -> str:
+    """File and approve (by another person) a cluster-wide grant for `user`; returns the grant id."""
+    from jitgate.access import Person, Scope
+    from jitgate.policy import load_policy
+    from jitgate.store import SQLiteStore
+
+    rules = load_policy(policy).access_rules
+    scope = Scope(cluster, (), True, ("*", "secrets", "pods/log", "pods/exec", "pods/attach"),
+                  ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"))
+    with SQLiteStore(grant_store) as store:
+        now = time.time()
+        request = store.create_request(rules, Person(*user), scope, now=now, reason="end-to-end tests")
+        approved = store.review(rules, request.id, Person(*REVIEWER), "approve", "ok", now=now)
+        return approved.grant.id
 
 
 def write_policy(folder: Path, ca: TestCA, idp: OIDCProviderProcess, sts: MotoServer, role_arn: str,
                  dev: StandinProcess, lab: StandinProcess) -> Path:
     (folder / "lab-token").write_text(LAB_CLUSTER_TOKEN + "\n")
     policy = folder / "policy.yaml"
-    policy.write_text(textwrap.dedent(f"""\
+    policy.write_text(E2E_RULES + textwrap.dedent(f"""\
         clusters:
           - name: dev
             endpoint: https://{DEV_HOST}
@@ -119,7 +155,10 @@ def stack(ca, idp, sts, dev_cluster, lab_cluster, tmp_path_factory: pytest.TempP
     work = tmp_path_factory.mktemp("gateway")
     role_arn = sts.create_role("jitgate-dev")
     policy = write_policy(work, ca, idp, sts, role_arn, dev_cluster, lab_cluster)
+    grant_store = work / "jitgate.db"
+    for cluster in ("dev", "lab"):
+        grant_everything(grant_store, policy, cluster)
     gateway = GatewayProcess(work, policy, reverse_endpoints={"dev": f"https://{DEV_HOST}", "lab": f"https://{LAB_HOST}:6443"},
-                             env=aws_env(dict(os.environ), work)).start()
-    yield Stack(gateway, idp, sts, dev_cluster, lab_cluster, role_arn, policy)
+                             options={"grant_store": str(grant_store)}, env=aws_env(dict(os.environ), work)).start()
+    yield Stack(gateway, idp, sts, dev_cluster, lab_cluster, role_arn, policy, grant_store)
     gateway.stop()

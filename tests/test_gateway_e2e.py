@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from jitgate.eks import decode_eks_token
-from tests.conftest import DEV_HOST, INSPECTOR_TOKEN, LAB_CLUSTER_TOKEN, LAB_HOST, Stack
+from tests.conftest import DEV_HOST, E2E_RULES, INSPECTOR_TOKEN, LAB_CLUSTER_TOKEN, LAB_HOST, Stack, grant_everything
 from tests.support import forge
 from tests.support.standin import KUBECTL, kubectl_env, run_kubectl, token_sha256
 
@@ -344,7 +344,8 @@ def test_no_credential_in_logs_or_recordings(stack: Stack, alice_token: str, tmp
 
     flows, har = tmp_path / "flows.mitm", tmp_path / "session.har"
     gateway = GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
-                             options={"save_stream_file": str(flows), "hardump": str(har), "flow_detail": "4"},
+                             options={"save_stream_file": str(flows), "hardump": str(har), "flow_detail": "4",
+                                      "grant_store": str(stack.grant_store)},
                              env=aws_env(dict(os.environ), tmp_path))
     gateway.start()
     try:
@@ -372,7 +373,8 @@ def test_audit_failure_fails_closed(stack: Stack, alice_token: str, tmp_path: Pa
     from tests.support.gateway import GatewayProcess
 
     gateway = GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
-                             options={"audit_log": "/dev/full"}, env=aws_env(dict(os.environ), tmp_path))
+                             options={"audit_log": "/dev/full", "grant_store": str(stack.grant_store)},
+                             env=aws_env(dict(os.environ), tmp_path))
     gateway.start()
     try:
         stack.dev.clear_seen()
@@ -425,7 +427,7 @@ def test_quiet_watch_outlives_the_proxy_idle_timeout(stack: Stack, alice_token: 
     outcomes = {}
     for name, idle in (("raised", "6"), ("control", "2")):
         gateway = GatewayProcess(tmp_path / name, stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
-                                 options={"tcp_timeout": "2", "watch_idle_timeout": idle},
+                                 options={"tcp_timeout": "2", "watch_idle_timeout": idle, "grant_store": str(stack.grant_store)},
                                  env=aws_env(dict(os.environ), tmp_path)).start()
         try:
             conn, resp = open_watch(gateway.reverse["dev"][1], gateway.ca_path, alice_token)
@@ -455,7 +457,7 @@ def test_client_certificate_credential(stack: Stack, ca, alice_token: str, tmp_p
         policy = tmp_path / "policy.yaml"
         text = stack.policy.read_text()
         idp_section = text[text.index("identity_providers:"):]
-        policy.write_text(f"""clusters:
+        policy.write_text(E2E_RULES + f"""clusters:
   - name: certs
     endpoint: https://{host}
     connect: 127.0.0.1:{api.port}
@@ -463,7 +465,9 @@ def test_client_certificate_credential(stack: Stack, ca, alice_token: str, tmp_p
     credential:
       client_cert: {{cert_file: {client_cert}, key_file: {client_key}}}
 {idp_section}""")
+        grant_everything(tmp_path / "jitgate.db", policy, "certs")
         gateway = GatewayProcess(tmp_path / "gw", policy, reverse_endpoints={"certs": f"https://{host}"},
+                                 options={"grant_store": str(tmp_path / "jitgate.db")},
                                  env=aws_env(dict(os.environ), tmp_path)).start()
         try:
             config = tmp_path / "kc"

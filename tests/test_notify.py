@@ -214,7 +214,7 @@ def test_json_event_as_received(receiver):
         "links": {
             "show_command": f"jitgate show {REQUEST['id']}",
             "approve_command": f"jitgate approve {REQUEST['id']}",
-            "deny_command": f"jitgate deny {REQUEST['id']}",
+            "deny_command": f"jitgate deny {REQUEST['id']} --reason '...'",
         },
     }
 
@@ -295,7 +295,7 @@ def test_slack_message_as_received_escapes_user_text(receiver):
     assert "`team-a'&lt;!here&gt;`" in everything  # a backtick cannot close the code span
     assert "*Requester*\nmallory &lt;@U024BE7LH&gt;" in everything
     assert f"Approve: `jitgate approve {REQUEST['id']}`" in everything
-    assert f"Deny: `jitgate deny {REQUEST['id']}`" in everything
+    assert f"Deny: `jitgate deny {REQUEST['id']} --reason '...'`" in everything
     assert "*Duration*\n1h30m" in everything
     assert "*Approvals*\n0 of 2" in everything
 

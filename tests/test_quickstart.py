@@ -13,13 +13,16 @@ def test_quickstart_runs_kubectl_through_the_gateway() -> None:
     result = subprocess.run([str(REPO / "scripts/quickstart"), "--no-wait"], cwd=REPO, capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "toolbox" in result.stdout and "NAMESPACE" in result.stdout
-    assert "by alice@example.com -> 200 (allow)" in result.stdout
+    # Refused first, with the command to ask; then the request (immediate rule); then the read works.
+    assert "Error from server (Forbidden): jitgate: no active grant lets you list pods in namespace dev" in result.stdout
+    assert "approved: get, list, watch pods in namespace dev on cluster demo" in result.stdout
+    assert "toolbox" in result.stdout and "READY" in result.stdout
+    assert "by alice@example.com -> 200 (allow, grant grant-" in result.stdout
     last = json.loads((REPO / "state/audit.log").read_text().splitlines()[-1])
     assert last["user"]["username"] == "alice@example.com"
     # The demo's kubeconfigs hold an ID token only, and are private.
-    for mode in ("reverse", "proxy"):
-        config = REPO / f"state/demo/kubeconfig-{mode}"
+    for name in ("alice", "bob", "carol", "proxy"):
+        config = REPO / f"state/demo/kubeconfig-{name}"
         assert oct(config.stat().st_mode & 0o777) == "0o600"
         assert (REPO / "state/demo/cluster-token").read_text() not in config.read_text()
     # With the demo's files in place, the shipped demo policy checks clean.

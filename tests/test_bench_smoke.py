@@ -1,0 +1,127 @@
+"""The benchmark's building blocks end to end, with tiny loads: scripts/bench works before it is run.
+
+Real processes as in `scripts/benchmark` (nginx with the canned bodies and the static issuer,
+moto_server for STS, bare mitmdump and the gateway, the idle-watch server), driven by the
+pure-Python load generator so nothing beyond nginx is needed. Needs Debian's nginx, which
+`scripts/benchmark` installs; without it the test is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from scripts.bench import load, report, run, upstream
+
+pytestmark = pytest.mark.skipif(
+    upstream.nginx_binary() is None,
+    reason="nginx is not installed: scripts/benchmark installs Debian's nginx-light (apt-get install nginx-light)",
+)
+
+
+def test_parse_hey_summary() -> None:
+    output = """
+Summary:
+  Total:\t2.0142 secs
+  Requests/sec:\t604.6970
+
+Latency distribution:
+  10% in 0.0142 secs
+  50% in 0.0150 secs
+  99% in 0.0283 secs
+
+Status code distribution:
+  [200]\t1210 responses
+  [401]\t7 responses
+
+Error distribution:
+  [3]\tGet "https://127.0.0.1:1/": proxyconnect tcp: dial tcp 127.0.0.1:1: connect: connection refused
+"""
+    result = load.parse_hey(output)
+    assert (result.ok, result.errors) == (1210, 10)
+    assert (result.p50_ms, result.p99_ms) == pytest.approx((15.0, 28.3))
+    assert result.rps == pytest.approx(1210 / 2.0142)
+    assert "connection refused" in result.note
+
+
+def test_profile_summary_groups_addon_code_and_dispatch() -> None:
+    raw = "\n".join([
+        # root first, leaf last, as py-spy --format raw writes them
+        "Handle._run (asyncio/events.py:89);AddonManager.trigger_event (mitmproxy/addonmanager.py:292);"
+        "Audit.response (audit.py:170);AuditLog.write (jitgate/audit.py:80) 3",
+        "Handle._run (asyncio/events.py:89);AddonManager.trigger_event (mitmproxy/addonmanager.py:291);"
+        "traverse (mitmproxy/addonmanager.py:40) 5",
+        "Connection.recv (OpenSSL/SSL.py:2000) 2",
+    ])
+    summary = run.summarize_profile(raw)
+    assert summary["samples"] == 10
+    assert summary["groups"]["jitgate addon code (addons/*.py)"] == pytest.approx(0.3)
+    assert summary["groups"][run.DISPATCH_ONLY] == pytest.approx(0.5)
+    assert summary["groups"]["TLS (pyOpenSSL)"] == pytest.approx(0.2)
+    assert dict(summary["jitgate_files"]) == pytest.approx({"addons/audit.py": 0.3, "jitgate/audit.py": 0.3})
+    assert summary["top_self"][0] == ("traverse (mitmproxy/addonmanager.py)", pytest.approx(0.5))
+
+
+def test_benchmark_end_to_end(tmp_path: Path) -> None:
+    args = run.parse_args(["--quick", "--python-load", "--no-pin", "--duration", "1", "--out", str(tmp_path / "results")])
+    started = datetime.datetime.now()
+    with ExitStack() as stack:
+        bench = run.Bench(args, stack, tmp_path / "work")
+        bench.log = lambda *a: None
+        bench.start()
+        bench.check_chain()  # every canned path through the gateway in both modes; 401 without a token
+        bench.warm_up(seconds=0.3)
+        bench.start_counting()
+        for mode, keepalive, name in (("reverse", True, "direct"), ("reverse", True, "bare"),
+                                      ("reverse", True, "gateway"), ("regular", False, "gateway")):
+            row = bench.phase(mode, keepalive, 2, name)
+            bench.runs.append(row)
+            assert row["ok"] > 0 and row["errors"] == 0, row
+            assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+            if name != "direct":
+                assert row["cpu_s_per_1k"] > 0 and row["peak_rss_mb"] > 20
+        steady = bench.steady_state()
+        # Warm-up fetched discovery + JWKS and assumed the role once; the load phases call neither.
+        assert steady["warmup_oidc_calls"] >= 2 and steady["warmup_sts_calls"] == 1
+        assert (steady["oidc_calls"], steady["sts_calls"]) == (0, 0)
+        gateway_ok = sum(r["ok"] for r in bench.runs if r["target"] == "gateway")
+        assert steady["audit_events"] >= gateway_ok  # one audit event per call through the gateway
+
+        curves, parse_costs = bench.curves(max_size=100)
+        by_name = {c["name"]: c for c in curves}
+        identity = by_name["Identity: cached token verification"]["series"]["cache hit"]
+        assert [x for x, _ in identity] == [10, 100] and all(0 < us < 1000 for _, us in identity)
+        grants = by_name["Decision time vs active grants"]["series"]
+        assert [x for x, _ in grants["steady state (cached grants)"]] == [10, 100]
+        assert all(0 < us < 10_000 for points in grants.values() for _, us in points)
+        rules = by_name["Decision time vs access rules"]["series"]
+        assert [x for x, _ in rules["call covered by a grant"]] == list(run.curves.RULE_COUNTS)
+        assert by_name["Masking throughput vs response size"]["not_measurable"] == "no masking step in jitgate yet"
+        assert len(parse_costs) == len(run.curves.PARSE_CASES) and all(us > 0 for *_, us in parse_costs)
+
+        watch = bench.watch_memory((5,), proxies=("gateway",))
+        assert [(w["proxy"], w["failures"]) for w in watch] == [("jitgate gateway", [])]
+        assert watch[0]["points"][0][0] == 5 and watch[0]["baseline_kb"] > 0
+
+        results = {"runs": bench.runs, "steady_state": steady, "curves": curves, "parse_costs": parse_costs,
+                   "watches": watch, "gateway_log": bench.gateway_log_excerpt()}
+        results["meta"] = run.run_meta(args, started, os.getloadavg(), bench.pinning_description(), bench.notes, 1)
+
+    with_plots = importlib.util.find_spec("matplotlib") is not None
+    outdir = tmp_path / "results" / "bench-smoke"
+    latest = tmp_path / "results" / "latest.md"
+    path = report.write(results, outdir, latest, with_plots=with_plots)
+    text = path.read_text()
+    assert "| reverse | keep-alive | 2 |" in text  # the headline row: gateway vs bare
+    assert "jitgate (full chain)" in text and "Not yet measurable: no masking step" in text
+    assert json.loads((outdir / "results.json").read_text())["steady_state"]["oidc_calls"] == 0
+    if with_plots:
+        assert {"throughput.png", "latency.png", "curves.png"} <= {p.name for p in outdir.iterdir()}
+        assert "](bench-smoke/throughput.png)" in latest.read_text()
+

@@ -1,0 +1,276 @@
+"""Just-in-time access end to end: real kubectl, the real `jitgate` CLI in other processes, the real
+OIDC provider, the stand-in cluster and a gateway with its own policy and grant store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEV_HOST, INSPECTOR_TOKEN, aws_env
+from tests.support.gateway import GatewayProcess
+from tests.support.standin import KUBECTL, kubectl_env, run_kubectl
+
+REPO = Path(__file__).resolve().parents[1]
+JITGATE = str(REPO / ".venv/bin/jitgate")
+
+RULES = """\
+access_rules:
+  - name: dev-read
+    requesters: [oidc:developers]
+    clusters: [dev]
+    namespaces: [dev]
+    resources: [pods, pods/log, configmaps]
+    verbs: [get, list, watch]
+    duration: {default: 10m, max: 1h}
+    approval: {mode: reviewers, reviewers: [oidc:sre, oidc:sre-leads], required: 2}
+  - name: dev-exec
+    requesters: [oidc:developers]
+    clusters: [dev]
+    namespaces: [dev]
+    resources: [pods, pods/exec]
+    verbs: [get, list, watch, create]
+    duration: {default: 10m, max: 1h}
+    approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}
+  - name: prod-read-auto
+    requesters: [oidc:developers]
+    clusters: [dev]
+    namespaces: [prod]
+    resources: [configmaps]
+    verbs: [get, list]
+    duration: {default: 5m, max: 10m}
+    approval: {mode: auto, reviewers: [oidc:sre], auto_approve_after: 3s}
+  - name: short-lived
+    requesters: [oidc:developers]
+    clusters: [dev]
+    namespaces: [default]
+    resources: [pods]
+    verbs: [get, list]
+    duration: {default: 6s, max: 6s}
+    approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}
+  - name: agent-hold
+    requesters: [oidc:agents]
+    clusters: [dev]
+    namespaces: [dev]
+    resources: [pods]
+    verbs: [get, list]
+    duration: {default: 10m, max: 1h}
+    approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}
+    hold: {max_wait: 30s}
+"""
+
+USERS = {
+    "alice": ("alice@example.com", ["developers"]),
+    "bob": ("bob@example.com", ["sre"]),
+    "carol": ("carol@example.com", ["sre"]),
+    "dave": ("dave@example.com", ["sre", "sre-leads"]),
+    "agent": ("mcp-agent@example.com", ["agents"]),
+}
+
+
+class JIT:
+    """A gateway with the rules above, and a kubeconfig per user."""
+
+    def __init__(self, stack, work: Path) -> None:
+        self.stack, self.work = stack, work
+        text = stack.policy.read_text()
+        self.policy = stack.policy.with_name("jit-policy.yaml")
+        self.policy.write_text(RULES + text[text.index("\nclusters:") + 1:])
+        self.store = work / "grants.db"
+        self.gateway = self.start_gateway()
+        self.configs = {name: self.kubeconfig(name) for name in USERS}
+
+    def start_gateway(self) -> GatewayProcess:
+        return GatewayProcess(self.work / "gw", self.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
+                              options={"grant_store": str(self.store), "hold_poll_interval_ms": "100"},
+                              env=aws_env(dict(os.environ), self.work)).start()
+
+    def kubeconfig(self, name: str) -> Path:
+        email, groups = USERS[name]
+        token = self.stack.idp.token(name, email=email, email_verified=True, groups=groups)
+        path = self.work / f"kubeconfig-{name}"
+        subprocess.run([JITGATE, "kubeconfig", "--policy", str(self.policy), "--cluster", "dev", "--user", email,
+                        "--token", token, "--gateway-ca", str(self.gateway.ca_path),
+                        "--server", self.gateway.reverse_url("dev"), "-o", str(path)], check=True, capture_output=True)
+        return path
+
+    def kubectl(self, user: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return run_kubectl(self.configs[user], *args, **kwargs)
+
+    def cli(self, user: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**kubectl_env(self.configs[user])}
+        result = subprocess.run([JITGATE, *args], env=env, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"jitgate {' '.join(args)} as {user} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        return result
+
+    def request(self, user: str, *args: str) -> str:
+        out = self.cli(user, "request", "--cluster", "dev", *args).stdout
+        match = re.search(r"\breq-[A-Za-z0-9_-]+", out)
+        assert match, out
+        return match.group(0)
+
+    def show(self, user: str, request_id: str) -> dict:
+        return json.loads(self.cli(user, "show", request_id, "-o", "json").stdout)
+
+
+@pytest.fixture(scope="module")
+def jit(stack, tmp_path_factory: pytest.TempPathFactory):
+    env = JIT(stack, tmp_path_factory.mktemp("jit"))
+    yield env
+    env.gateway.stop()
+
+
+def test_no_grant_no_access_and_the_message_says_how(jit: JIT) -> None:
+    result = jit.kubectl("alice", "get", "pods", "-n", "dev")
+    assert result.returncode != 0
+    assert "Error from server (Forbidden)" in result.stderr
+    assert "jitgate request --cluster dev --namespace dev --resource pods" in result.stderr, result.stderr
+    misses = [e for e in jit.gateway.audit_events() if e["responseStatus"]["code"] == 403
+              and e["user"]["username"] == "alice@example.com" and e.get("objectRef", {}).get("resource") == "pods"]
+    assert misses and misses[-1]["annotations"]["jitgate.dev/decision"] == "deny"
+
+
+def test_two_distinct_approvers_then_exactly_the_granted_scope(jit: JIT) -> None:
+    request_id = jit.request("alice", "--namespace", "dev", "--resource", "pods", "--resource", "pods/log",
+                             "--verb", "get", "--verb", "list", "--duration", "10m", "--reason", "debugging web")
+    # The requester cannot approve; a non-reviewer cannot; dave (in two reviewer groups) counts once.
+    own = jit.cli("alice", "approve", request_id, "--reason", "me", check=False)
+    assert own.returncode != 0 and "cannot review your own request" in own.stderr
+    jit.cli("dave", "approve", request_id, "--reason", "looks fine")
+    twice = jit.cli("dave", "approve", request_id, "--reason", "again", check=False)
+    assert twice.returncode != 0 and "already" in (twice.stdout + twice.stderr).lower()
+    assert jit.show("alice", request_id)["state"] == "pending"
+    assert jit.kubectl("alice", "get", "pods", "-n", "dev").returncode != 0, "one approval of two grants nothing"
+    reviewable = jit.cli("bob", "list", "--reviewable").stdout
+    assert request_id in reviewable
+    jit.cli("bob", "approve", request_id, "--reason", "second pair of eyes")
+    shown = jit.show("alice", request_id)
+    assert shown["state"] == "approved" and shown["grant"]["state"] == "active"
+
+    assert "toolbox" in jit.kubectl("alice", "get", "pods", "-n", "dev", check=True).stdout
+    assert jit.kubectl("alice", "logs", "-n", "dev", "toolbox").returncode == 0
+    for wider in (["get", "pods", "-n", "prod"], ["get", "pods", "-A"], ["delete", "pod", "-n", "dev", "toolbox"],
+                  ["get", "secrets", "-n", "dev"], ["exec", "-n", "dev", "toolbox", "--", "echo", "hi"],
+                  ["get", "configmaps", "-n", "dev"]):
+        result = jit.kubectl("alice", *wider)
+        # kubectl prints an exec refusal as "unable to upgrade connection: <message>".
+        assert result.returncode != 0 and "jitgate: no active grant" in result.stderr, (wider, result.stderr)
+    granted = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/grant") == shown["grant"]["id"]]
+    assert granted and all(e["responseStatus"]["code"] == 200 for e in granted)
+
+
+def test_grant_expires_on_time(jit: JIT) -> None:
+    request_id = jit.request("alice", "--namespace", "default", "--resource", "pods", "--verb", "get", "--verb", "list",
+                             "--duration", "6s", "--reason", "quick look")
+    jit.cli("bob", "approve", request_id)
+    assert "nginx" in jit.kubectl("alice", "get", "pods", "-n", "default", check=True).stdout
+    time.sleep(7)
+    after = jit.kubectl("alice", "get", "pods", "-n", "default")
+    assert after.returncode != 0 and "Forbidden" in after.stderr
+    assert jit.show("alice", request_id)["grant"]["state"] in ("expired", "active")  # swept within a second
+
+
+def test_bad_reviews_change_nothing(jit: JIT) -> None:
+    too_long = jit.cli("alice", "request", "--cluster", "dev", "--namespace", "dev", "--resource", "pods",
+                       "--verb", "get", "--duration", "5h", "--reason", "x", check=False)
+    assert too_long.returncode != 0 and "maximum" in (too_long.stdout + too_long.stderr).lower()
+    unknown = jit.cli("alice", "request", "--cluster", "dev", "--namespace", "kube-system", "--resource", "nodes",
+                      "--verb", "delete", "--reason", "x", check=False)
+    assert unknown.returncode != 0
+    request_id = jit.request("alice", "--namespace", "dev", "--resource", "configmaps", "--verb", "get", "--reason", "x")
+    jit.cli("alice", "cancel", request_id)
+    late = jit.cli("bob", "approve", request_id, check=False)
+    assert late.returncode != 0 and "cancelled" in (late.stdout + late.stderr).lower()
+    assert jit.show("alice", request_id)["state"] == "cancelled"
+
+
+def test_auto_approval_fires_unless_denied_first(jit: JIT) -> None:
+    kept = jit.request("alice", "--namespace", "prod", "--resource", "configmaps", "--verb", "get", "--verb", "list",
+                       "--reason", "check config")
+    denied = jit.request("alice", "--namespace", "prod", "--resource", "configmaps", "--verb", "get", "--reason", "again")
+    jit.cli("carol", "deny", denied, "--reason", "not needed")
+    assert jit.show("alice", kept)["state"] == "pending"
+    deadline = time.monotonic() + 10
+    while jit.show("alice", kept)["state"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jit.show("alice", kept)["state"] == "approved"
+    assert jit.show("alice", denied)["state"] == "denied"
+    assert "app-config" in jit.kubectl("alice", "get", "configmaps", "-n", "prod", check=True).stdout
+
+
+def test_held_call_is_released_by_an_approval_from_another_process(jit: JIT) -> None:
+    results: list[subprocess.CompletedProcess] = []
+    started = time.monotonic()
+    held = threading.Thread(target=lambda: results.append(jit.kubectl("agent", "get", "pods", "-n", "dev", timeout=60)))
+    held.start()
+    request_id = None
+    deadline = time.monotonic() + 15
+    while request_id is None and time.monotonic() < deadline:
+        listing = jit.cli("bob", "list", "--reviewable", "-o", "json").stdout
+        pending = [r for r in json.loads(listing)["items"] if r["requester"] == "mcp-agent@example.com"]
+        request_id = pending[0]["id"] if pending else None
+        time.sleep(0.3)
+    assert request_id, "the gateway filed the access request for the held call"
+    # Meanwhile other calls are not slowed by the held one.
+    t0 = time.monotonic()
+    jit.cli("bob", "whoami")
+    assert time.monotonic() - t0 < 5
+    assert held.is_alive(), "the call is still held"
+    jit.cli("bob", "approve", request_id, "--reason", "agent may read dev pods")
+    held.join(30)
+    assert results and results[0].returncode == 0, results
+    assert "toolbox" in results[0].stdout
+    assert time.monotonic() - started < 30
+
+
+def test_revocation_ends_live_watch_and_exec(jit: JIT) -> None:
+    request_id = jit.request("alice", "--namespace", "dev", "--resource", "pods", "--resource", "pods/exec",
+                             "--verb", "get", "--verb", "list", "--verb", "watch", "--verb", "create", "--reason", "debug")
+    jit.cli("carol", "approve", request_id)
+    grant_id = jit.show("alice", request_id)["grant"]["id"]
+    env = kubectl_env(jit.configs["alice"])
+    watch = subprocess.Popen([KUBECTL, "get", "pods", "-n", "dev", "-w"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    shell = subprocess.Popen([KUBECTL, "exec", "-i", "-n", "dev", "toolbox", "--", "sh"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert b"toolbox" in watch.stdout.readline() + watch.stdout.readline()
+        shell.stdin.write(b"echo alive\n")
+        shell.stdin.flush()
+        assert shell.stdout.readline() == b"alive\n"
+        revoked_at = time.monotonic()
+        jit.cli("carol", "revoke", grant_id, "--reason", "incident over")
+        watch.wait(10)
+        shell.wait(10)
+        assert time.monotonic() - revoked_at < 10, "sessions end within seconds of the revocation"
+    finally:
+        for proc in (watch, shell):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    # (alice still holds the read grant of an earlier test; exec came only with the revoked one)
+    refused = jit.kubectl("alice", "exec", "-n", "dev", "toolbox", "--", "echo", "hi")
+    assert refused.returncode != 0 and "jitgate: no active grant" in refused.stderr
+    ended = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/terminated", "").startswith("grant revoked")]
+    assert {e.get("objectRef", {}).get("subresource", "") for e in ended} >= {"", "exec"}, ended
+
+
+def test_restart_mid_workflow_loses_nothing(jit: JIT) -> None:
+    request_id = jit.request("alice", "--namespace", "dev", "--resource", "configmaps", "--verb", "get", "--verb", "list",
+                             "--reason", "across a restart")
+    jit.cli("dave", "approve", request_id, "--reason", "first")
+    jit.gateway.stop()
+    jit.gateway.start()  # same ports and CA: the users' kubeconfigs stay valid
+    shown = jit.show("alice", request_id)
+    assert shown["state"] == "pending" and len(shown["reviews"]) == 1
+    jit.cli("bob", "approve", request_id, "--reason", "second")
+    assert "app-config" in jit.kubectl("alice", "get", "configmaps", "-n", "dev", check=True).stdout
+    jit.gateway.stop()
+    jit.gateway.start()
+    assert "app-config" in jit.kubectl("alice", "get", "configmaps", "-n", "dev", check=True).stdout
