@@ -53,6 +53,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
             failed = True
             continue
         print(f"{path}: ok ({len(policy.clusters)} cluster(s), {len(policy.identity_providers)} identity provider(s), "
+              f"{len(policy.access_rules)} access rule(s), {len(policy.webhooks)} webhook(s), "
               f"files: {', '.join(str(p) for p in policy.sources)})")
     return 1 if failed else 0
 

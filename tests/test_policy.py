@@ -168,7 +168,7 @@ def test_policy_check_command(files: Path, capsys: pytest.CaptureFixture[str]) -
     good = write(files, GOOD)
     bad = write(files, GOOD.replace("ca_file: ca.pem", "ca_file: nope.pem", 1), "bad.yaml")
     assert cli_main(["policy", "check", str(good)]) == 0
-    assert "ok (3 cluster(s), 1 identity provider(s)" in capsys.readouterr().out
+    assert "ok (3 cluster(s), 1 identity provider(s), 0 access rule(s), 0 webhook(s)" in capsys.readouterr().out
     assert cli_main(["policy", "check", str(good), str(bad)]) == 1
     assert f"{bad}:5: clusters[0].ca_file: file not found" in capsys.readouterr().err
 
