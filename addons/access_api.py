@@ -25,10 +25,17 @@ class AccessAPIServer:
         self.api: AccessAPI | None = None
 
     def running(self) -> None:
-        grants = ctx.master.addons.get("grants")
-        if grants is None:
-            raise RuntimeError("addons/access_api.py needs addons/grants.py loaded before it")
-        self.api = AccessAPI(store=_Lazy(grants), rules_provider=lambda: grants.rules, notifier=_Notifier(grants), now=time.time)
+        if ctx.master.addons.get("grants") is None:
+            raise RuntimeError("addons/access_api.py needs addons/grants.py loaded too")
+
+    def access_api(self) -> AccessAPI | None:
+        # Built on first use: listeners may accept calls before every addon's running() has run.
+        if self.api is None:
+            grants = ctx.master.addons.get("grants")
+            if grants is not None:
+                self.api = AccessAPI(store=_Lazy(grants), rules_provider=lambda: grants.rules,
+                                     notifier=_Notifier(grants), now=time.time)
+        return self.api
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if not is_api_path(flow.request.path):
@@ -37,12 +44,13 @@ class AccessAPIServer:
         call.annotations["jitgate.dev/api"] = "true"
         if flow.response:
             return  # e.g. no or bad token: already answered 401
-        if self.api is None:
-            refuse(flow, 503, "jitgate: the access API is not running")
+        api = self.access_api()
+        if api is None:
+            refuse(flow, 503, "jitgate: the access API is not running (addons/grants.py is not loaded)")
             return
         # SQLite may wait on a writer in another process: keep the event loop free.
         status, body = await asyncio.to_thread(
-            self.api.handle, flow.request.method, flow.request.path, flow.request.raw_content or b"",
+            api.handle, flow.request.method, flow.request.path, flow.request.raw_content or b"",
             call.identity, flow.request.headers.get("Content-Type"))
         if status < 400:
             call.allow("jitgate access API")
