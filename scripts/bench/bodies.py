@@ -26,6 +26,9 @@ API_PATHS = ("/version", "/api", "/api/v1", PODS_PATH, SECRETS_PATH, WATCH_PATH)
 CLIENT_ID = "jitgate"
 USER_EMAIL = "bench@example.com"
 USER_GROUPS = ["platform", "oncall"]
+# Approves the benchmark user's request for Secrets (immediate approval may not grant them).
+REVIEWER_EMAIL = "reviewer@example.com"
+REVIEWER_GROUPS = ["sre"]
 KEY_ID = "bench-rs256"
 # A second key, used only by the in-process identity-cache curve: Ed25519 signs and verifies fast
 # enough to fill a cache with 100,000 distinct verified tokens in seconds. The gateway accepts RS256 only.
@@ -156,14 +159,14 @@ class Issuer:
         curve_jwk.update(kid=CURVE_KEY_ID, use="sig", alg="EdDSA")
         return {"keys": [jwk, curve_jwk]}
 
-    def claims(self, email: str, lifetime: int) -> dict[str, Any]:
+    def claims(self, email: str, lifetime: int, groups: list[str] = USER_GROUPS) -> dict[str, Any]:
         now = int(time.time())
         return {"iss": self.url, "aud": CLIENT_ID, "sub": email.split("@")[0], "email": email,
-                "email_verified": True, "groups": USER_GROUPS, "iat": now, "exp": now + lifetime}
+                "email_verified": True, "groups": groups, "iat": now, "exp": now + lifetime}
 
-    def token(self, email: str = USER_EMAIL, lifetime: int = 86400) -> str:
+    def token(self, email: str = USER_EMAIL, lifetime: int = 86400, groups: list[str] = USER_GROUPS) -> str:
         """An RS256 ID token, as the gateway's identity provider would issue it."""
-        return jwt.encode(self.claims(email, lifetime), self.key, algorithm="RS256", headers={"kid": KEY_ID})
+        return jwt.encode(self.claims(email, lifetime, groups), self.key, algorithm="RS256", headers={"kid": KEY_ID})
 
     def curve_token(self, email: str, lifetime: int = 86400) -> str:
         """An EdDSA ID token for the in-process identity-cache curve."""

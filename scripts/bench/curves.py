@@ -1,23 +1,37 @@
-"""Scaling curves, measured in-process on jitgate's own modules (no proxy in between).
+"""Scaling curves, measured in-process on the gateway's own code (no proxy in between).
 
-Each curve is a function from a size (identities cached, grants active, policy rules, bytes) to the
-cost of one operation at that size. Steps of the chain that do not exist yet raise
-`NotYetMeasurable`: their functions are where the measurement plugs in once the step lands, and the
-report lists them with the reason.
+Each curve gives the cost of one per-call operation as a size grows (identities cached, grants
+active, access rules, response bytes). The access decision is timed on the grants addon itself
+(addons/grants.py, as `mitmdump -s` loads it) against a real SQLite grant store, so it is exactly
+what the gateway runs per call. Steps of the chain that do not exist yet raise `NotYetMeasurable`:
+their functions are where the measurement plugs in once the step lands, and the report lists them
+with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import os
 import random
-import statistics
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.util import find_spec
+from pathlib import Path
 
-from jitgate.oidc import IssuerConfig, OIDCVerifier
+from jitgate.access import Person, Scope, how_to_request
+from jitgate.call import Call
+from jitgate.oidc import Identity, IssuerConfig, OIDCVerifier
+from jitgate.policy import Policy
 from jitgate.requestinfo import parse_request
+from jitgate.store import SQLiteStore
 from scripts.bench import bodies
+
+REPO = Path(__file__).resolve().parents[2]
 
 IDENTITY_COUNTS = (10, 100, 1_000, 10_000, 100_000)
 GRANT_COUNTS = (10, 100, 1_000, 10_000, 100_000)
@@ -37,9 +51,12 @@ class Curve:
     name: str
     x_label: str
     y_label: str
-    points: list[tuple[int, float]] = field(default_factory=list)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # label -> (x, y) points
     not_measurable: str = ""  # why there are no points
     notes: list[str] = field(default_factory=list)
+
+    def add(self, label: str, x: int, y: float) -> None:
+        self.series.setdefault(label, []).append((x, y))
 
 
 def best_seconds_per_call(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
@@ -76,7 +93,7 @@ def identity_cache_curve(issuer: bodies.Issuer, ca_file: str, counts: Sequence[i
         picks = [rng.choice(tokens) for _ in range(sample)]
         it = iter(picks * 10)
         per_call = best_seconds_per_call(lambda: verifier.verify(next(it)), sample, repeats=5)
-        curve.points.append((count, per_call * 1e6))
+        curve.add("cache hit", count, per_call * 1e6)
     if verifier.stats["discovery_fetches"] + verifier.stats["jwks_fetches"] > 2:
         curve.notes.append(f"unexpected issuer fetches during the curve: {verifier.stats}")
     # What a miss costs: full RS256 verification with the keys at hand (no I/O), as the gateway does.
@@ -115,28 +132,134 @@ def request_parsing_costs() -> list[tuple[str, str, float]]:
     return rows
 
 
+# -- access decision: grants and rules ------------------------------------------------------------
+
+def load_grants_addon():
+    """The `Grants` class of addons/grants.py, imported the way mitmdump loads a script."""
+    spec = importlib.util.spec_from_file_location("jitgate_bench.grants_addon", REPO / "addons" / "grants.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.Grants
+
+
+def scratch_dir() -> Path:
+    """Where the curves' grant store lives: tmpfs when there is one, so filling 100,000 grants does
+    not wait on 100,000 fsyncs (the lookups being timed read pages from memory either way)."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="jitgate-bench-grants-", dir=base))
+
+
+def make_call(policy: Policy, username: str, groups: tuple[str, ...], target: str) -> Call:
+    """A call as the steps before the grants addon leave it: cluster, identity, request attributes."""
+    call = Call()
+    call.cluster = policy.clusters[0]
+    call.identity = Identity(username=username, groups=groups, issuer="https://bench", subject=username,
+                             expires_at=time.time() + 86400)
+    call.info = parse_request("GET", target, {})
+    return call
+
+
+class DecisionBench:
+    """The gateway's per-call access check (addons/grants.py `Grants.decide`) on a real SQLite store."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.directory = scratch_dir()
+        self.store = SQLiteStore(self.directory / "grants.db")
+        self.checker = load_grants_addon()()
+        self.checker.store, self.checker.rules = self.store, policy.access_rules
+        self.read_rule = policy.access_rules[0]  # bench-read: pods, approved at once
+        self.grants = 0
+        groups = tuple(f"oidc:{g}" for g in bodies.USER_GROUPS)
+        self.allowed = make_call(policy, bodies.USER_EMAIL, groups, bodies.PODS_PATH)
+        # Somebody with no grant asking for pods: refused with the message that says how to ask.
+        self.refused = make_call(policy, "nobody@example.com", groups, bodies.PODS_PATH)
+
+    def grant(self, username: str) -> None:
+        person = Person(username, (f"oidc:{bodies.USER_GROUPS[0]}",))
+        scope = Scope(self.policy.clusters[0].name, namespaces=(bodies.NAMESPACE,), resources=("pods",),
+                      verbs=("get", "list", "watch"))
+        self.store.create_request(self.policy.access_rules, person, scope, now=time.time(), reason="benchmark")
+        self.grants += 1
+
+    def fill(self, active_grants: int) -> None:
+        if self.grants == 0:
+            self.grant(bodies.USER_EMAIL)
+        while self.grants < active_grants:
+            self.grant(f"user{self.grants}@example.com")
+
+    def decide_allowed(self) -> None:
+        if not self.checker.decide(self.allowed):
+            raise RuntimeError("the benchmark user's grant does not cover the call")
+
+    def decide_uncached(self) -> None:
+        self.checker.cache.clear()  # as after any change to the store: the caller's grants are re-read
+        self.decide_allowed()
+
+    def decide_refused(self) -> None:
+        call, checker = self.refused, self.checker
+        if checker.decide(call) is not None or checker.hold_rule(call) is not None:
+            raise RuntimeError("a call without a grant was not refused")
+        how_to_request(checker.rules, call.identity.groups, call.cluster.name, call.info)
+
+    def close(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def grant_decision_curve(policy: Policy, counts: Sequence[int] = GRANT_COUNTS) -> Curve:
+    """Decision time per call as the store fills with active grants (other users' and the caller's)."""
+    curve = Curve("Decision time vs active grants", "active grants in the store", "µs per decision")
+    bench = DecisionBench(policy)
+    try:
+        for count in sorted(counts):
+            bench.fill(count)
+            bench.decide_allowed()
+            curve.add("steady state (cached grants)", count, best_seconds_per_call(bench.decide_allowed, 2000) * 1e6)
+            curve.add("after a store change (SQL lookup)", count,
+                      best_seconds_per_call(bench.decide_uncached, 300) * 1e6)
+    finally:
+        bench.close()
+    for label, points in curve.series.items():
+        curve.notes.append(f"{label}: {spread([y for _, y in points]):.0%} from the smallest to the largest store "
+                           "(target: within 10%)")
+    curve.notes.append("each decision also asks SQLite whether the store changed (PRAGMA data_version); the "
+                       "grants are re-read (indexed by user and cluster) only after a change")
+    return curve
+
+
+def rule_decision_curve(policy: Policy, counts: Sequence[int] = RULE_COUNTS) -> Curve:
+    """Decision time per call as the policy grows to thousands of access rules (other teams'
+    rules first, so a refusal scans them all before it can name the rule to ask under)."""
+    curve = Curve("Decision time vs access rules", "access rules in the policy", "µs per decision")
+    bench = DecisionBench(policy)
+    own = policy.access_rules
+    try:
+        bench.fill(1)
+        for count in sorted(counts):
+            others = tuple(dataclasses.replace(own[0], name=f"team-{i}", requesters=(f"oidc:team-{i}",),
+                                               namespaces=(f"team-{i}",), source="")
+                           for i in range(max(0, count - len(own))))
+            bench.checker.rules = others + own
+            bench.decide_allowed()
+            curve.add("call covered by a grant", count, best_seconds_per_call(bench.decide_allowed, 2000) * 1e6)
+            curve.add("call without a grant (refusal names the rule to ask under)", count,
+                      best_seconds_per_call(bench.decide_refused, max(20, 20_000 // count), repeats=3) * 1e6)
+    finally:
+        bench.close()
+    curve.notes.append("a call covered by a grant never reads the rules; a refused call scans them in policy order")
+    return curve
+
+
 # -- steps that do not exist yet ------------------------------------------------------------------
 
-def grant_decision_seconds(active_grants: int) -> float:
-    """Seconds per access decision with `active_grants` active grants in the store.
-
-    Where the grant lookup plugs in (issue #3): fill a store with `active_grants` grants spread over
-    many identities and clusters, then time the check the gateway makes per call (identity + cluster
-    + request attributes -> covering grant or not) with `best_seconds_per_call`. The target is
-    within 10% from 10 to 100,000 grants (indexed lookups, not scans)."""
-    if find_spec("jitgate.grants") is None:
-        raise NotYetMeasurable("no grant store in jitgate yet (issue #3)")
-    raise NotYetMeasurable("jitgate.grants exists now: time its per-call lookup in grant_decision_seconds")
-
-
-def rule_decision_seconds(rules: int) -> float:
-    """Seconds per decision with `rules` access rules / guardrails in the policy (10 to 10,000)."""
-    raise NotYetMeasurable("the policy has no access rules or guardrails yet (policy sections: clusters, "
-                           "identity_providers)")
-
-
 def masking_bytes_per_second(response_bytes: int) -> float:
-    """Masking throughput for a response of `response_bytes` (1 KB to 50 MB)."""
+    """Masking throughput for a response of `response_bytes` (1 KB to 50 MB).
+
+    Where masking plugs in once it lands: build a Secret list (and a watch stream) of this size,
+    time the masking function over it with `best_seconds_per_call`, return bytes per second."""
     if find_spec("jitgate.masking") is None:
         raise NotYetMeasurable("no masking step in jitgate yet")
     raise NotYetMeasurable("jitgate.masking exists now: time it in masking_bytes_per_second")
@@ -144,27 +267,15 @@ def masking_bytes_per_second(response_bytes: int) -> float:
 
 def pending_curves() -> list[Curve]:
     """The curves of steps that do not exist yet, each tried at its first size for its reason."""
-    curves = []
-    for name, x_label, y_label, fn, sizes in (
-        ("Decision time vs active grants", "active grants", "µs per decision", grant_decision_seconds, GRANT_COUNTS),
-        ("Decision time vs policy rules", "policy rules", "µs per decision", rule_decision_seconds, RULE_COUNTS),
-        ("Masking throughput vs response size", "response bytes", "MB/s", masking_bytes_per_second, MASKING_SIZES),
-    ):
-        curve = Curve(name, x_label, y_label)
-        try:
-            for size in sizes:
-                value = fn(size)
-                curve.points.append((size, value * 1e6 if y_label.startswith("µs") else value / 1e6))
-        except NotYetMeasurable as e:
-            curve.not_measurable = str(e)
-        curves.append(curve)
-    return curves
+    curve = Curve("Masking throughput vs response size", "response bytes", "MB/s")
+    try:
+        for size in MASKING_SIZES:
+            curve.add("masking", size, masking_bytes_per_second(size) / 1e6)
+    except NotYetMeasurable as e:
+        curve.not_measurable = str(e)
+    return [curve]
 
 
 def spread(values: Sequence[float]) -> float:
     """(max - min) / min: how far a curve strays from flat."""
     return (max(values) - min(values)) / min(values) if values and min(values) > 0 else float("nan")
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")

@@ -265,6 +265,8 @@ async def python_load(target: Target, connections: int, seconds: float, keepaliv
 
 def run_python(target: Target, connections: int, seconds: float, keepalive: bool,
                cpus: Iterable[int] | None = None, max_requests: int | None = None) -> LoadResult:
+    """Same signature as run_wrk/run_hey. Runs in this process: `cpus` is not applied here (run.py
+    pins the driver itself to the load side)."""
     return asyncio.run(python_load(target, connections, seconds, keepalive, max_requests))
 
 

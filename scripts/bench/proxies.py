@@ -88,7 +88,8 @@ class ProxyProcess:
                         # Bare mitmdump verifies the upstream against the same CA the policy names.
                         "ssl_verify_upstream_trusted_ca": str(ca_file), **(extra_options or {})}
         if policy is not None:
-            self.options.update(policy=str(policy), audit_log=str(self.workdir / "audit.log"))
+            self.options.update(policy=str(policy), audit_log=str(self.workdir / "audit.log"),
+                                grant_store=str(self.workdir / "grants.db"))
         self.proc: subprocess.Popen | None = None
         self.stat: ProcStat | None = None
 
@@ -115,10 +116,17 @@ class ProxyProcess:
         return cmd
 
     def start(self) -> "ProxyProcess":
+        return self.launch().wait_ready()
+
+    def launch(self) -> "ProxyProcess":
+        """Start the process without waiting for it (several proxies start faster side by side)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.env, preexec_fn=on_cpus(self.cpus))
+        return self
+
+    def wait_ready(self) -> "ProxyProcess":
         try:
             wait_for_port(self.regular_port, self.proc, timeout=60)
             wait_for_port(self.reverse_port, self.proc, timeout=20)

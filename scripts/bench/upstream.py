@@ -20,6 +20,28 @@ HERE = Path(__file__).resolve().parent
 NGINX_TEMPLATE = HERE / "nginx.conf.in"
 ROLE_NAME = "jitgate-bench"
 CLUSTER_NAME = "bench"
+NAMESPACE = bodies.NAMESPACE
+# The benchmark user reads pods at once (immediate approval); Secrets need a reviewer, as in
+# production. run.py files both requests through the gateway's access API before measuring.
+ACCESS_RULES = (
+    "access_rules:",
+    "  - name: bench-read",
+    f"    requesters: [oidc:{bodies.USER_GROUPS[0]}]",
+    f"    clusters: [{CLUSTER_NAME}]",
+    f"    namespaces: [{NAMESPACE}]",
+    "    resources: [pods, configmaps]",
+    "    verbs: [get, list, watch]",
+    "    duration: {default: 8h, max: 8h}",
+    "    approval: {mode: immediate}",
+    "  - name: bench-secrets",
+    f"    requesters: [oidc:{bodies.USER_GROUPS[0]}]",
+    f"    clusters: [{CLUSTER_NAME}]",
+    f"    namespaces: [{NAMESPACE}]",
+    "    resources: [secrets]",
+    "    verbs: [get, list]",
+    "    duration: {default: 8h, max: 8h}",
+    f"    approval: {{mode: reviewers, reviewers: [oidc:{bodies.REVIEWER_GROUPS[0]}], required: 1}}",
+)
 
 
 def nginx_binary() -> str | None:
@@ -88,6 +110,16 @@ class Nginx:
         with self.access_log.open("rb") as f:
             return sum(1 for _ in f)
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes (they serve the requests; the master only supervises)."""
+        if self.proc is None:
+            return []
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
     def error_log(self) -> str:
         path = self.workdir / "nginx-error.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
@@ -143,6 +175,7 @@ class Backends:
     ca: TestCA
     issuer: bodies.Issuer
     token: str
+    reviewer_token: str
     server_cert: Path
     server_key: Path
     nginx: Nginx
@@ -160,7 +193,8 @@ class Backends:
         issuer = bodies.Issuer(f"https://127.0.0.1:{issuer_port}")
         bodies.write_bodies(workdir / "bodies", issuer)
         nginx = Nginx(workdir, cert, key, issuer_port, cpus)
-        backends = cls(workdir, ca, issuer, issuer.token(), cert, key, nginx)
+        reviewer_token = issuer.token(bodies.REVIEWER_EMAIL, groups=bodies.REVIEWER_GROUPS)
+        backends = cls(workdir, ca, issuer, issuer.token(), reviewer_token, cert, key, nginx)
         try:
             nginx.start()
             if with_sts:
@@ -175,7 +209,8 @@ class Backends:
         return len(self.sts.assume_role_calls()) if self.sts else None
 
     def write_policy(self, path: Path, cluster_url: str) -> Path:
-        """A policy with one cluster at `cluster_url` (EKS credential via moto when STS runs) and our issuer."""
+        """A policy with one cluster at `cluster_url` (EKS credential via moto when STS runs), our issuer,
+        and the access rules the benchmark user's grants come from."""
         if self.sts is not None:
             credential = ["      eks:", "        region: us-east-1", f"        cluster_name: {CLUSTER_NAME}",
                           f"        role_arn: {self.role_arn}", f"        sts_endpoint: {self.sts.endpoint_url}",
@@ -193,6 +228,7 @@ class Backends:
             "    credential:",
             *credential,
             "    impersonate: true",
+            *ACCESS_RULES,
             "identity_providers:",
             f"  - issuer: {self.issuer.url}",
             f"    client_ids: [{bodies.CLIENT_ID}]",

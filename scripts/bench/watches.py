@@ -49,8 +49,9 @@ async def _open_watch(host: str, port: int, context: ssl.SSLContext, token: str 
     head = await reader.readuntil(b"\r\n\r\n")
     status = head.split(b" ", 2)[1]
     if status != b"200":
+        body = await asyncio.wait_for(reader.read(400), 5)  # the Status message says why
         writer.close()
-        raise ConnectionError(f"watch answered {status.decode()}: {head.splitlines()[0].decode(errors='replace')}")
+        raise ConnectionError(f"watch answered {status.decode()}: {body.decode(errors='replace').strip()}")
     first = await reader.readuntil(b"\n")  # chunk size line
     await reader.readuntil(b"\r\n")  # the ADDED event
     if not first.strip():

@@ -1,0 +1,301 @@
+"""The benchmark's output: a markdown report, the raw numbers as JSON, and PNG plots.
+
+Everything here works from the plain `results` dictionary that run.py collects, so a report can be
+rebuilt from a saved results.json:  python -m scripts.bench.report results/bench-<stamp>/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("direct", "bare", "gateway")
+TARGET_LABELS = {"direct": "direct to upstream", "bare": "bare mitmdump", "gateway": "jitgate (full chain)"}
+THROUGHPUT_TARGET = 0.80  # full chain >= 80% of bare mitmdump's requests/s
+ADDED_P50_TARGET_MS = 1.0
+WATCH_TARGET_KB = 64
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per mode / keep-alive / concurrency: gateway throughput as % of bare, added p50 latency."""
+    by_cell: dict[tuple, dict[str, dict]] = {}
+    for row in results["runs"]:
+        by_cell.setdefault((row["mode"], row["keepalive"], row["connections"]), {})[row["target"]] = row
+    lines = []
+    for (mode, keepalive, conns), rows in by_cell.items():
+        bare, gateway = rows.get("bare"), rows.get("gateway")
+        if not bare or not gateway or not bare["rps"]:
+            continue
+        ratio = gateway["rps"] / bare["rps"]
+        added = gateway["p50_ms"] - bare["p50_ms"]
+        # CPU per request is steadier than req/s on a shared machine: when the proxy is CPU-bound,
+        # its throughput ratio is the inverse ratio of CPU per request.
+        bare_cpu, gateway_cpu = bare.get("cpu_s_per_1k"), gateway.get("cpu_s_per_1k")
+        cpu_ratio = bare_cpu / gateway_cpu if bare_cpu and gateway_cpu else None
+        lines.append({"mode": mode, "keepalive": keepalive, "connections": conns, "ratio": ratio,
+                      "added_p50_ms": added, "bare_rps": bare["rps"], "gateway_rps": gateway["rps"],
+                      "throughput_met": ratio >= THROUGHPUT_TARGET, "latency_met": added <= ADDED_P50_TARGET_MS,
+                      "gateway_cpu": gateway_cpu, "bare_cpu": bare_cpu, "cpu_ratio": cpu_ratio,
+                      "added_cpu_ms": gateway_cpu - bare_cpu if cpu_ratio else None})
+    return lines
+
+
+def headline_text(results: dict[str, Any]) -> str:
+    rows = headline(results)
+    out = ["Full chain vs bare mitmdump (targets: >= 80% throughput, <= +1 ms p50):"]
+    for h in rows:
+        out.append(f"  {h['mode']:<8} {'keep-alive' if h['keepalive'] else 'new conns':<10} c={h['connections']:<3} "
+                   f"throughput {h['ratio']:6.1%} ({h['gateway_rps']:7.1f} vs {h['bare_rps']:7.1f} req/s) "
+                   f"{'ok  ' if h['throughput_met'] else 'MISS'}  "
+                   f"added p50 {h['added_p50_ms']:+7.2f} ms {'ok' if h['latency_met'] else 'MISS'}  "
+                   f"CPU/request {_fmt(h['gateway_cpu'], 2)} vs {_fmt(h['bare_cpu'], 2)} ms "
+                   f"(CPU-bound ratio {_fmt((h['cpu_ratio'] or math.nan) * 100, 0)}%)")
+    return "\n".join(out)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], image_prefix: str = "") -> str:
+    meta = results["meta"]
+    md = [f"# jitgate benchmark, {meta['started']}", ""]
+    md.append(f"Machine: {meta['machine']}. Load average at start: {meta['loadavg']}. "
+              f"Mode: {'quick' if meta['quick'] else 'full'}, {meta['duration']} s per load phase, "
+              f"CPU pinning: {meta['pinning']}. Total run time: {meta.get('elapsed', 'n/a')} s.")
+    md.append("")
+    if meta.get("noisy_note"):
+        md += [f"> {meta['noisy_note']}", ""]
+
+    md += ["## Headline: jitgate (full chain) vs bare mitmdump, same run", ""]
+    rows = []
+    for h in headline(results):
+        rows.append([h["mode"], "keep-alive" if h["keepalive"] else "new connection", str(h["connections"]),
+                     f"{h['ratio']:.0%} {'✅' if h['throughput_met'] else '❌'}",
+                     f"{h['added_p50_ms']:+.2f} {'✅' if h['latency_met'] else '❌'}",
+                     _fmt(h["gateway_cpu"], 2), _fmt(h["bare_cpu"], 2), _fmt(h["added_cpu_ms"], 2),
+                     f"{_fmt((h['cpu_ratio'] or math.nan) * 100, 0)}%"])
+    md.append(_table(["mode", "connections", "concurrency", "throughput vs bare (target ≥ 80%)",
+                      "added p50 ms (target ≤ 1)", "gateway CPU s / 1k req", "bare CPU s / 1k req",
+                      "added CPU ms / req", "CPU-bound ratio (bare ÷ gateway CPU)"], rows))
+    md.append("")
+    md.append("CPU per request is the steadier measure when the machine is shared: a CPU-bound proxy's "
+              "throughput ratio equals the inverse ratio of its CPU per request (last column). With more than one "
+              "connection the proxy is saturated and p50 is mostly queueing (about concurrency × CPU per request), "
+              "so the latency target speaks to the concurrency-1 rows.")
+    md.append("")
+
+    md += ["## All runs", ""]
+    rows = []
+    for r in results["runs"]:
+        rows.append([r["mode"], "yes" if r["keepalive"] else "no", str(r["connections"]), TARGET_LABELS[r["target"]],
+                     r["tool"], _fmt(r["rps"]), _fmt(r["p50_ms"], 2), _fmt(r["p99_ms"], 2),
+                     _fmt(r.get("cpu_s_per_1k"), 2), _fmt(r.get("peak_rss_mb")),
+                     _fmt(r.get("upstream_cpu_s_per_1k"), 3), str(r["errors"]) + (f" ({r['note']})" if r["note"] else "")])
+    md.append(_table(["mode", "keep-alive", "conns", "target", "client", "req/s", "p50 ms", "p99 ms",
+                      "proxy CPU s / 1k req", "proxy peak RSS MB", "nginx CPU s / 1k req", "errors"], rows))
+    md.append("")
+    for name, title in (("throughput.png", "throughput"), ("latency.png", "p50 latency")):
+        if name in results.get("plots", []):
+            md.append(f"![{title}]({image_prefix}{name})")
+    md.append("")
+
+    steady = results.get("steady_state", {})
+    md += ["## Calls to the identity provider and STS in steady state (target: zero)", ""]
+    md.append(_table(["", "calls during the load phases", "per 1,000 gateway requests"], [
+        ["OIDC provider (discovery + JWKS, nginx access log)", str(steady.get("oidc_calls", "n/a")),
+         _fmt(steady.get("oidc_per_1k"), 3)],
+        ["STS AssumeRole (moto_server recording)", str(steady.get("sts_calls", "n/a")), _fmt(steady.get("sts_per_1k"), 3)],
+    ]))
+    md.append("")
+    md.append(f"Gateway requests in the load phases: {_count(steady.get('gateway_requests'))}; audit events written "
+              f"in them: {_count(steady.get('audit_events'))}. Warm-up (before counting): "
+              f"{steady.get('warmup_oidc_calls', 'n/a')} OIDC and {steady.get('warmup_sts_calls', 'n/a')} STS calls.")
+    md.append("")
+
+    md += ["## Scaling curves", ""]
+    for curve in results.get("curves", []):
+        md.append(f"### {curve['name']}")
+        md.append("")
+        if curve["not_measurable"]:
+            md += [f"Not yet measurable: {curve['not_measurable']}.", ""]
+            continue
+        labels = list(curve["series"])
+        xs = sorted({x for points in curve["series"].values() for x, _ in points})
+        values = {label: dict(points) for label, points in curve["series"].items()}
+        md.append(f"{curve['y_label']}:")
+        md.append("")
+        md.append(_table([curve["x_label"], *labels],
+                         [[f"{x:,}", *(_fmt(values[label].get(x), 2) for label in labels)] for x in xs]))
+        md.append("")
+        md += [f"- {note}" for note in curve["notes"]]
+        md.append("")
+    if results.get("parse_costs"):
+        md += ["### Request attributes: `parse_request` cost", ""]
+        md.append(_table(["request", "target", "µs per parse"],
+                         [[name, f"`{target[:90]}`", _fmt(us, 2)] for name, target, us in results["parse_costs"]]))
+        md.append("")
+    watch = results.get("watches", [])
+    if watch:
+        md += ["### Memory per idle watch (reverse mode, RSS growth of the proxy process)", ""]
+        rows = []
+        for w in watch:
+            for n, per in w["per_watch_kb"]:
+                rss = dict(w["points"])[n]
+                rows.append([w["proxy"], f"{n:,}", _fmt(rss / 1024), _fmt(per), "✅" if per <= WATCH_TARGET_KB else "❌"])
+            if w["failures"]:
+                rows.append([w["proxy"], "failed", "", w["failures"][0], ""])
+        md.append(_table(["proxy", "open idle watches", "RSS MB", "kB per watch", f"≤ {WATCH_TARGET_KB} kB"], rows))
+        md.append("")
+        md.append("Bare mitmdump runs with `stream_large_bodies=1` here (otherwise it would hold every watch "
+                  "response until it ends); baseline RSS is taken after three watches were opened and closed.")
+        md.append("")
+    if "curves.png" in results.get("plots", []):
+        md += [f"![curves]({image_prefix}curves.png)", ""]
+
+    if results.get("profile"):
+        prof = results["profile"]
+        bare, gateway = prof["bare"], prof["gateway"]
+        md += ["## Where the CPU goes (py-spy)", ""]
+        md.append(f"Sampled during: {prof['phase']}; {bare['samples']:,} samples of bare mitmdump, "
+                  f"{gateway['samples']:,} of the gateway (on-CPU only). "
+                  + (f"Flame graph of the gateway: [profile.svg]({image_prefix}profile.svg)." if prof.get("svg") else ""))
+        md.append("")
+        md.append(_table(["part of the stack (inclusive share of samples)", "bare mitmdump", "gateway"],
+                         [[label, f"{bare['groups'].get(label, 0):.1%}", f"{share:.1%}"]
+                          for label, share in gateway["groups"].items()]))
+        md.append("")
+        if gateway.get("jitgate_files"):
+            md.append(_table(["gateway: jitgate file (inclusive)", "share of samples"],
+                             [[f"`{name}`", f"{share:.1%}"] for name, share in gateway["jitgate_files"]]))
+            md.append("")
+        md.append(_table(["gateway: share of samples (self)", "function"],
+                         [[f"{share:.1%}", f"`{name}`"] for name, share in gateway["top_self"]]))
+        md.append("")
+
+    if results.get("gateway_log"):
+        md += ["## Gateway log: warnings and errors", "", "```", results["gateway_log"], "```", ""]
+
+    md += ["## How this was measured", ""]
+    md += [f"- {note}" for note in meta["notes"]]
+    md.append("")
+    md.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
+    md.append("")
+    return "\n".join(md)
+
+
+def plots(results: dict[str, Any], outdir: Path) -> list[str]:
+    """Write throughput.png, latency.png and curves.png; returns the names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    runs = results["runs"]
+    cells = sorted({(r["mode"], r["keepalive"]) for r in runs}, key=lambda c: (c[0] != "reverse", not c[1]))
+    colors = {"direct": "#9e9e9e", "bare": "#1f77b4", "gateway": "#d62728"}
+    for metric, name, label, log in (("rps", "throughput.png", "requests/s", True),
+                                     ("p50_ms", "latency.png", "p50 latency (ms)", True)):
+        if not cells:
+            break
+        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
+        for ax, (mode, keepalive) in zip(axes[0], cells):
+            conns = sorted({r["connections"] for r in runs if r["mode"] == mode and r["keepalive"] == keepalive})
+            width = 0.8 / len(TARGETS)
+            for i, target in enumerate(TARGETS):
+                values = []
+                for c in conns:
+                    row = next((r for r in runs if (r["mode"], r["keepalive"], r["connections"], r["target"])
+                                == (mode, keepalive, c, target)), None)
+                    values.append(row[metric] if row and row[metric] == row[metric] else 0)
+                ax.bar([j + (i - 1) * width for j in range(len(conns))], values, width, label=TARGET_LABELS[target],
+                       color=colors[target])
+            ax.set_xticks(range(len(conns)), [str(c) for c in conns])
+            ax.set_xlabel("concurrent connections")
+            ax.set_title(f"{mode}, {'keep-alive' if keepalive else 'new connection per request'}", fontsize=9)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set_ylabel(label)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(TARGETS), fontsize=8)
+        fig.suptitle(f"jitgate benchmark {results['meta']['started']}: {label}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.savefig(outdir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    curves = [c for c in results.get("curves", []) if c["series"]]
+    watches = [w for w in results.get("watches", []) if w["per_watch_kb"]]
+    panels = len(curves) + (1 if watches else 0)
+    if panels:
+        fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+        for ax, curve in zip(axes[0], curves):
+            values = [y for points in curve["series"].values() for _, y in points]
+            for label, points in curve["series"].items():
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.set_xscale("log")
+            if min(values) > 0 and max(values) / min(values) > 30:
+                ax.set_yscale("log")  # series orders of magnitude apart: keep the small one readable
+            else:
+                ax.set_ylim(bottom=0, top=max(values) * 1.3)
+            if len(curve["series"]) > 1:
+                ax.legend(fontsize=6)
+            ax.set_xlabel(curve["x_label"])
+            ax.set_ylabel(curve["y_label"])
+            ax.set_title(curve["name"], fontsize=9)
+            ax.grid(alpha=0.3)
+        if watches:
+            ax = axes[0][-1]
+            for w in watches:
+                xs, ys = zip(*w["per_watch_kb"])
+                ax.plot(xs, ys, marker="o", label=w["proxy"])
+            ax.axhline(WATCH_TARGET_KB, color="gray", linestyle="--", label=f"target {WATCH_TARGET_KB} kB")
+            ax.set_xscale("log")
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("open idle watches")
+            ax.set_ylabel("RSS growth per watch (kB)")
+            ax.set_title("Memory per idle watch (reverse mode)", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(outdir / "curves.png", dpi=110)
+        plt.close(fig)
+        written.append("curves.png")
+    return written
+
+
+def write(results: dict[str, Any], outdir: Path, latest: Path | None, with_plots: bool = True) -> Path:
+    """Write results.json, the plots, report.md in `outdir`, and `latest` (links into outdir)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = plots(results, outdir) if with_plots else []
+    (outdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    report = outdir / "report.md"
+    report.write_text(markdown(results))
+    if latest is not None:
+        prefix = outdir.relative_to(latest.parent).as_posix() + "/"
+        latest.write_text(markdown(results, image_prefix=prefix))
+    return report
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1])
+    data = json.loads(path.read_text())
+    print(write(data, path.parent, None))
