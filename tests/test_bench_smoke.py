@@ -9,7 +9,6 @@ pure-Python load generator so nothing beyond nginx is needed. Needs Debian's ngi
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
 from contextlib import ExitStack
