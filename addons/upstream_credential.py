@@ -59,7 +59,8 @@ class TokenFile:
 
 class UpstreamCredential:
     def __init__(self) -> None:
-        self.eks: dict[str, EKSTokenProvider] = {}
+        # (cluster, upstream role or None for the default) -> provider; role sessions are per caller.
+        self.eks: dict[tuple[str, str | None], EKSTokenProvider] = {}
         self.token_files: dict[str, TokenFile] = {}
 
     def load(self, loader) -> None:
@@ -77,16 +78,21 @@ class UpstreamCredential:
             eks, files = {}, {}
             for cluster in policy.clusters:
                 if isinstance(cluster.credential, EKSClusterCredentialConfig):
-                    # Keep warm providers (and their cached credentials) across policy reloads.
-                    old = self.eks.get(cluster.name)
-                    eks[cluster.name] = old if old and old.config == cluster.credential else EKSTokenProvider(cluster.credential)
+                    for role in (None, *cluster.upstream_roles):
+                        config = cluster.credential_for_role(role)
+                        # Keep warm providers (and their cached credentials) across policy reloads.
+                        old = self.eks.get((cluster.name, role))
+                        eks[(cluster.name, role)] = old if old and old.config == config else EKSTokenProvider(config)
                 elif isinstance(cluster.credential, TokenFileCredential):
                     files[cluster.name] = TokenFile(cluster.credential.path)
             self.eks, self.token_files = eks, files
 
-    async def bearer_token(self, cluster: Cluster, username: str) -> str | None:
-        if cluster.name in self.eks:
-            return await self.eks[cluster.name].atoken_for(username)
+    async def bearer_token(self, cluster: Cluster, username: str, role: str | None) -> str | None:
+        if isinstance(cluster.credential, EKSClusterCredentialConfig):
+            provider = self.eks.get((cluster.name, role))
+            if provider is None:  # a grant under a role the policy no longer has
+                raise UpstreamCredentialError(f"upstream role {role!r} is not configured for cluster {cluster.name}")
+            return await provider.atoken_for(username)
         if cluster.name in self.token_files:
             return self.token_files[cluster.name].read()
         return None  # client certificate: authenticated on the TLS connection
@@ -106,7 +112,8 @@ class UpstreamCredential:
                 return
             call.allow("authenticated (require_grant is off)")
         try:
-            token = await self.bearer_token(call.cluster, call.identity.username)
+            role = call.grant.upstream_role if call.grant is not None else None
+            token = await self.bearer_token(call.cluster, call.identity.username, role)
         except UpstreamCredentialError as e:
             log.warning("no upstream credential for cluster %s: %s", call.cluster.name, e)
             refuse(flow, 503, f"jitgate: cannot obtain a credential for cluster {call.cluster.name}: {e}")

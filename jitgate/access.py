@@ -671,6 +671,13 @@ def _parse_rule(node: Node, clusters: Mapping[str, Cluster]) -> AccessRule:
 
     duration_default, duration_max = _parse_durations(node)
     upstream_role = node.string("upstream_role")
+    if upstream_role is not None:
+        named = clusters.keys() if "*" in rule_clusters else rule_clusters
+        for cluster_name in named:
+            roles = getattr(clusters[cluster_name], "upstream_roles", {})
+            if upstream_role not in roles:
+                known = ", ".join(sorted(roles)) or "none: upstream roles need an eks credential with `roles:`"
+                raise node.error("upstream_role", f"cluster {cluster_name!r} has no upstream role {upstream_role!r} (known: {known})")
     require_reason = node.get("require_reason", bool, default=False)
     request_ttl = _duration_field(node, "request_ttl", default=3600)
     approval = _parse_approval(node, resources, request_ttl)

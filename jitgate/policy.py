@@ -7,11 +7,12 @@ keys are mistakes too: a typo in a security policy must stop the gateway, not be
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from ruamel.yaml import YAML
@@ -67,6 +68,14 @@ class Cluster:
     credential: UpstreamCredential
     connect: tuple[str, int] | None = None  # where to actually connect, when not the endpoint's host
     impersonate: bool = False  # send Impersonate-User/Group so cluster RBAC and audit see the human
+    # Named IAM roles an access rule may pick (`upstream_role:`), e.g. readonly vs admin, per scope.
+    upstream_roles: Mapping[str, str] = field(default_factory=dict)
+
+    def credential_for_role(self, role: str | None) -> UpstreamCredential:
+        """The credential a grant with this upstream role uses: the named IAM role, or the default."""
+        if role is None:
+            return self.credential
+        return dataclasses.replace(self.credential, role_arn=self.upstream_roles[role])
 
     @property
     def connect_address(self) -> tuple[str, int]:
@@ -236,11 +245,12 @@ def _parse_host_port(node: Node, key: str, text: str, default_port: int | None) 
     return host.lower(), int(port_text)
 
 
-def _credential(node: Node) -> UpstreamCredential:
+def _credential(node: Node) -> tuple[UpstreamCredential, dict[str, str]]:
     kinds = [k for k in ("eks", "token_file", "client_cert") if k in node.data]
     if len(kinds) != 1:
         found = ", ".join(kinds) or "none"
         raise node.error(None, f"exactly one of eks, token_file, client_cert is required (found: {found})")
+    roles: dict[str, str] = {}
     if kinds[0] == "token_file":
         cred: UpstreamCredential = TokenFileCredential(node.path_value("token_file", required=True))
     elif kinds[0] == "client_cert":
@@ -261,9 +271,17 @@ def _credential(node: Node) -> UpstreamCredential:
                 ca_bundle=str(sts_ca) if sts_ca else None,
             )
         )
+        roles_node = eks.child("roles")
+        if roles_node is not None:
+            for role in list(roles_node.data):
+                arn = roles_node.string(role, required=True)
+                # Each named role must be as valid as the default one.
+                roles_node.check(lambda: dataclasses.replace(cred, role_arn=arn), role)
+                roles[str(role)] = arn
+            roles_node.finish()
         eks.finish()
     node.finish()
-    return cred
+    return cred, roles
 
 
 def _cluster(node: Node) -> Cluster:
@@ -277,14 +295,15 @@ def _cluster(node: Node) -> Cluster:
     connect_text = node.string("connect")
     connect = _parse_host_port(node, "connect", connect_text, default_port=None) if connect_text else None
     ca_file = node.path_value("ca_file", required=True)
-    cred_node = node.child("credential", required=True)
+    credential, roles = _credential(node.child("credential", required=True))
     cluster = Cluster(
         name=name,
         endpoint=f"https://{url.netloc.lower()}",
         host=url.hostname.lower(),
         port=url.port or 443,
         ca_file=ca_file,
-        credential=_credential(cred_node),
+        credential=credential,
+        upstream_roles=roles,
         connect=connect,
         impersonate=node.get("impersonate", bool, default=False),
     )

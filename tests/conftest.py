@@ -79,6 +79,7 @@ class Stack:
     role_arn: str
     policy: Path
     grant_store: Path
+    readonly_role_arn: str
 
 
 # Broad access for the data-path tests, granted through the real workflow (one reviewer approves).
@@ -116,7 +117,7 @@ def grant_everything(grant_store: Path, policy: Path, cluster: str, user: tuple 
 
 
 def write_policy(folder: Path, ca: TestCA, idp: OIDCProviderProcess, sts: MotoServer, role_arn: str,
-                 dev: StandinProcess, lab: StandinProcess) -> Path:
+                 dev: StandinProcess, lab: StandinProcess, readonly_role_arn: str) -> Path:
     (folder / "lab-token").write_text(LAB_CLUSTER_TOKEN + "\n")
     policy = folder / "policy.yaml"
     policy.write_text(E2E_RULES + textwrap.dedent(f"""\
@@ -132,6 +133,8 @@ def write_policy(folder: Path, ca: TestCA, idp: OIDCProviderProcess, sts: MotoSe
                 role_arn: {role_arn}
                 sts_endpoint: {sts.endpoint_url}
                 sts_ca_file: {sts.ca_bundle}
+                roles:
+                  readonly: {readonly_role_arn}
           - name: lab
             endpoint: https://{LAB_HOST}:6443
             connect: 127.0.0.1:{lab.port}
@@ -154,11 +157,12 @@ def write_policy(folder: Path, ca: TestCA, idp: OIDCProviderProcess, sts: MotoSe
 def stack(ca, idp, sts, dev_cluster, lab_cluster, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("gateway")
     role_arn = sts.create_role("jitgate-dev")
-    policy = write_policy(work, ca, idp, sts, role_arn, dev_cluster, lab_cluster)
+    readonly_role_arn = sts.create_role("jitgate-dev-readonly")
+    policy = write_policy(work, ca, idp, sts, role_arn, dev_cluster, lab_cluster, readonly_role_arn)
     grant_store = work / "jitgate.db"
     for cluster in ("dev", "lab"):
         grant_everything(grant_store, policy, cluster)
     gateway = GatewayProcess(work, policy, reverse_endpoints={"dev": f"https://{DEV_HOST}", "lab": f"https://{LAB_HOST}:6443"},
                              options={"grant_store": str(grant_store)}, env=aws_env(dict(os.environ), work)).start()
-    yield Stack(gateway, idp, sts, dev_cluster, lab_cluster, role_arn, policy, grant_store)
+    yield Stack(gateway, idp, sts, dev_cluster, lab_cluster, role_arn, policy, grant_store, readonly_role_arn)
     gateway.stop()

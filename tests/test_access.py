@@ -47,7 +47,8 @@ def clusters(tmp_path: Path) -> dict[str, Cluster]:
     token = tmp_path / "token"
     token.write_text("t")
     return {
-        name: Cluster(name, f"https://{name}.example", f"{name}.example", 443, tmp_path / "ca.pem", TokenFileCredential(token))
+        name: Cluster(name, f"https://{name}.example", f"{name}.example", 443, tmp_path / "ca.pem", TokenFileCredential(token),
+                      upstream_roles={"readonly": f"arn:aws:iam::123456789012:role/{name}-readonly"})
         for name in ("dev", "prod")
     }
 
@@ -547,3 +548,11 @@ def test_errors_form_one_hierarchy() -> None:
     for cls, status, reason in ((InvalidRequest, 400, "BadRequest"), (NotAllowed, 403, "Forbidden"), (Conflict, 409, "Conflict")):
         error = cls("message")
         assert isinstance(error, AccessError) and (error.status, error.reason, error.message) == (status, reason, "message")
+
+
+def test_upstream_role_must_exist_on_every_cluster_of_the_rule(tmp_path: Path) -> None:
+    text = GOOD.replace("upstream_role: readonly", "upstream_role: admin")
+    with pytest.raises(PolicyError) as err:
+        parse(tmp_path, text)
+    assert "access_rules[0].upstream_role" in str(err.value)
+    assert "cluster 'dev' has no upstream role 'admin' (known: readonly)" in str(err.value)

@@ -54,6 +54,15 @@ access_rules:
     verbs: [get, list]
     duration: {default: 6s, max: 6s}
     approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}
+  - name: kube-system-readonly
+    requesters: [oidc:developers]
+    clusters: [dev]
+    namespaces: [kube-system]
+    resources: [pods]
+    verbs: [get, list]
+    duration: {default: 10m, max: 1h}
+    upstream_role: readonly
+    approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}
   - name: agent-hold
     requesters: [oidc:agents]
     clusters: [dev]
@@ -274,3 +283,18 @@ def test_restart_mid_workflow_loses_nothing(jit: JIT) -> None:
     jit.gateway.stop()
     jit.gateway.start()
     assert "app-config" in jit.kubectl("alice", "get", "configmaps", "-n", "dev", check=True).stdout
+
+
+def test_grant_uses_the_rules_upstream_role(jit: JIT) -> None:
+    """A rule with `upstream_role: readonly` makes the gateway assume the read-only IAM role for it."""
+    def readonly_sessions() -> list:
+        return [c for c in jit.stack.sts.assume_role_calls(jit.stack.readonly_role_arn)
+                if c.params.get("RoleSessionName") == "alice@example.com"]
+
+    assert not readonly_sessions()
+    request_id = jit.request("alice", "--namespace", "kube-system", "--resource", "pods", "--verb", "get",
+                             "--verb", "list", "--reason", "look at coredns")
+    jit.cli("bob", "approve", request_id)
+    assert "coredns" in jit.kubectl("alice", "get", "pods", "-n", "kube-system", check=True).stdout
+    (session,) = readonly_sessions()
+    assert session.params["SourceIdentity"] == "alice@example.com"
