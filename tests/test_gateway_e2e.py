@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.eks import decode_eks_token
 from tests.conftest import DEV_HOST, E2E_RULES, INSPECTOR_TOKEN, LAB_CLUSTER_TOKEN, LAB_HOST, Stack, grant_everything
 from tests.support import forge
 from tests.support.standin import KUBECTL, kubectl_env, run_kubectl, token_sha256
@@ -498,33 +497,14 @@ def test_plain_http_through_the_proxy_is_refused(stack: Stack, alice_token: str)
 
 def test_exec_interactive_tty(stack: Stack, kc: Path) -> None:
     """`kubectl exec -it` on a real terminal, through the gateway: prompt, command, exit code."""
-    import select
+    from tests.support.standin import TerminalSession
 
-    master, slave = os.openpty()
-    proc = subprocess.Popen([KUBECTL, "exec", "-it", "-n", "dev", "toolbox", "--", "sh"], stdin=slave, stdout=slave,
-                            stderr=slave, env=kubectl_env(kc), start_new_session=True)
-    os.close(slave)
-    screen = b""
-
-    def expect(token: bytes, timeout: float = 10) -> None:
-        nonlocal screen
-        deadline = time.monotonic() + timeout
-        while token not in screen:
-            assert time.monotonic() < deadline, f"{token!r} not in {screen!r}"
-            if select.select([master], [], [], 0.1)[0]:
-                try:
-                    screen += os.read(master, 4096)
-                except OSError:
-                    break
-
+    session = TerminalSession([KUBECTL, "exec", "-it", "-n", "dev", "toolbox", "--", "sh"], kubectl_env(kc))
     try:
-        expect(b"toolbox:/# ")
-        os.write(master, b"echo hello $HOSTNAME\r")
-        expect(b"hello toolbox\r\n")
-        os.write(master, b"exit 5\r")
-        assert proc.wait(10) == 5
+        session.expect(b"toolbox:/# ")
+        session.type(b"echo hello $HOSTNAME")
+        session.expect(b"hello toolbox\r\n")
+        session.type(b"exit 5")
+        assert session.proc.wait(10) == 5
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(master)
+        session.close()

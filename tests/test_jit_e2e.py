@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEV_HOST, INSPECTOR_TOKEN, aws_env
+from tests.conftest import DEV_HOST, aws_env
 from tests.support.gateway import GatewayProcess
 from tests.support.standin import KUBECTL, kubectl_env, run_kubectl
 

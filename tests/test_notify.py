@@ -380,7 +380,7 @@ def test_4xx_is_not_retried_and_redirects_not_followed(receiver, caplog):
     assert len(receiver.requests(moved)) == 1
     assert receiver.requests("/hooks/elsewhere") == []
     assert (n.stats.sent, n.stats.retried, n.stats.failed) == (0, 0, 2)
-    assert f"webhook bad: access_request.created event" in caplog.text
+    assert "webhook bad: access_request.created event" in caplog.text
     assert "HTTP 400; not retried" in caplog.text and "HTTP 302; not retried" in caplog.text
 
 
@@ -627,7 +627,7 @@ def test_no_credentials_in_logs_or_repr(receiver, caplog):
         await n.close()
         return n
 
-    n = asyncio.run(main())
+    asyncio.run(main())
     got = receiver.requests(slack_like)
     assert len(got) == 3 and got[0].headers["Authorization"] == "Bearer header-secret-123"  # they were sent
     assert "giving up after 3 attempt(s)" in caplog.text and "HTTP 403; not retried" in caplog.text

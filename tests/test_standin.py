@@ -6,9 +6,7 @@ import asyncio
 import base64
 import datetime
 import json
-import os
 import queue
-import select
 import socket
 import ssl
 import subprocess
@@ -27,7 +25,7 @@ from jitgate.standin.patch import json_patch, merge_patch, strategic_merge_patch
 from jitgate.standin.seed import SECRET_VALUES
 from jitgate.standin.selectors import field_matcher, label_matcher
 from tests.support.net import TestCA
-from tests.support.standin import KUBECTL, StandinProcess, kubectl_env, run_kubectl, token_sha256
+from tests.support.standin import KUBECTL, StandinProcess, TerminalSession, kubectl_env, run_kubectl, token_sha256
 
 TOKEN = "gateway-token-5f1c"
 OTHER_TOKEN = "second-token-77aa"
@@ -283,37 +281,18 @@ def test_exec(kubeconfig):
 
 
 def test_interactive_shell(kubeconfig):
-    master, slave = os.openpty()
-    proc = subprocess.Popen([KUBECTL, "exec", "-it", "-n", "prod", "api", "--", "sh"], stdin=slave, stdout=slave,
-                            stderr=slave, env=kubectl_env(kubeconfig), start_new_session=True)
-    os.close(slave)
-    screen = b""
-
-    def expect(token: bytes, timeout: float = 5) -> None:
-        nonlocal screen
-        deadline = time.monotonic() + timeout
-        while token not in screen:
-            assert time.monotonic() < deadline, f"{token!r} not in {screen!r}"
-            if select.select([master], [], [], 0.1)[0]:
-                try:
-                    screen += os.read(master, 4096)
-                except OSError:
-                    break
-
+    session = TerminalSession([KUBECTL, "exec", "-it", "-n", "prod", "api", "--", "sh"], kubectl_env(kubeconfig))
     try:
-        expect(b"api:/# ")
-        os.write(master, b"echo hello $HOSTNAME\r")
-        expect(b"hello api\r\n")
-        os.write(master, b"cd /etc/app; cat LOG_LEVEL\r")
-        expect(b"info")
-        os.write(master, b"exit 7\r")
-        assert proc.wait(10) == 7
-        expect(b"command terminated with exit code 7")
+        session.expect(b"api:/# ")
+        session.type(b"echo hello $HOSTNAME")
+        session.expect(b"hello api\r\n")
+        session.type(b"cd /etc/app; cat LOG_LEVEL")
+        session.expect(b"info")
+        session.type(b"exit 7")
+        assert session.proc.wait(10) == 7
+        session.expect(b"command terminated with exit code 7")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(master)
+        session.close()
 
 
 # kubectl: refusals --------------------------------------------------------------------------------

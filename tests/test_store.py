@@ -4,7 +4,6 @@ several processes at once, failing closed, and the indexed hot-path lookup."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sqlite3
 import stat
 import threading

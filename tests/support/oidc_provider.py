@@ -21,7 +21,6 @@ import argparse
 import base64
 import datetime
 import http.client
-import ipaddress
 import json
 import ssl
 import subprocess
@@ -32,10 +31,6 @@ from typing import Any, Self
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.net import TestCA, free_port, stop, wait_for_port
 
@@ -177,73 +172,10 @@ class OIDCProviderProcess:
 
 
 def strict_server_cert(ca: TestCA, directory: Path, name: str, hosts: list[str]) -> tuple[Path, Path, Path]:
-    """A server certificate from `ca` that Python 3.13's default (VERIFY_X509_STRICT) client
-    context accepts: (cert, key, ca_file).
-
-    Strict verification wants a Subject Key Identifier on the CA and an Authority Key Identifier
-    on the leaf. When TestCA already provides them, its own certificates are used; otherwise the
-    CA certificate is re-issued with the same key and name plus an SKI (an equivalent trust anchor)
-    and the leaf is issued here with both identifiers.
-    """
+    """A server certificate Python 3.13's strict default client context accepts: (cert, key, ca_file).
+    TestCA adds the key identifiers strict verification wants, so its own files serve."""
     cert_path, key_path = ca.issue(name, hosts=hosts)
-    if _has_extension(ca.cert, x509.SubjectKeyIdentifier) and _has_extension(
-        x509.load_pem_x509_certificate(cert_path.read_bytes()), x509.AuthorityKeyIdentifier
-    ):
-        return cert_path, key_path, ca.cert_path
-
-    anchor_path = directory / "ca-strict.pem"
-    anchor = (
-        x509.CertificateBuilder()
-        .subject_name(ca.cert.subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(ca.key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(ca.cert.not_valid_before_utc)
-        .not_valid_after(ca.cert.not_valid_after_utc)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca.key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
-    anchor_path.write_bytes(anchor.public_bytes(serialization.Encoding.PEM))
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
-    cert_path = directory / f"{name}-strict.pem"
-    key_path = directory / f"{name}-strict-key.pem"
-    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path, anchor_path
-
-
-def _has_extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> bool:
-    try:
-        cert.extensions.get_extension_for_class(kind)
-    except x509.ExtensionNotFound:
-        return False
-    return True
+    return cert_path, key_path, ca.cert_path
 
 
 # -- runner (the separate process) --------------------------------------------------------------

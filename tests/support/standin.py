@@ -201,3 +201,41 @@ def run_kubectl(kubeconfig: Path, *args: str, input: str | bytes | None = None, 
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+class TerminalSession:
+    """A command on a real pseudo-terminal (as `kubectl exec -it` needs), driven like a person would."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        import os
+
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+        os.close(slave)
+        self.screen = b""
+
+    def expect(self, text: bytes, timeout: float = 10) -> None:
+        import os
+        import select
+
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            assert time.monotonic() < deadline, f"{text!r} not in {self.screen!r}"
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.screen += os.read(self.master, 4096)
+                except OSError:
+                    break
+
+    def type(self, line: bytes) -> None:
+        import os
+
+        os.write(self.master, line + b"\r")
+
+    def close(self) -> None:
+        import os
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        os.close(self.master)
