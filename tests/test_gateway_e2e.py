@@ -380,12 +380,14 @@ def test_audit_failure_fails_closed(stack: Stack, alice_token: str, tmp_path: Pa
                              env=aws_env(dict(os.environ), tmp_path))
     gateway.start()
     try:
+        # Its own object: the first DELETE may reach the cluster before the failure is known.
+        stack.dev.json("POST", "/api/v1/namespaces/dev/configmaps", {"metadata": {"name": "audit-victim"}}, token=INSPECTOR_TOKEN)
         stack.dev.clear_seen()
         statuses = []
         for _ in range(3):
             context = ssl.create_default_context(cafile=str(gateway.ca_path))
             conn = http.client.HTTPSConnection("127.0.0.1", gateway.reverse["dev"][1], context=context, timeout=10)
-            conn.request("DELETE", "/api/v1/namespaces/dev/configmaps/app-config", headers={"Authorization": f"Bearer {alice_token}"})
+            conn.request("DELETE", "/api/v1/namespaces/dev/configmaps/audit-victim", headers={"Authorization": f"Bearer {alice_token}"})
             resp = conn.getresponse()
             statuses.append((resp.status, json.loads(resp.read())["message"]))
             conn.close()
