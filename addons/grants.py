@@ -56,6 +56,7 @@ class Grants:
         # grant id -> long-running flows on it, and when the grant ends.
         self.live: dict[str, set[http.HTTPFlow]] = defaultdict(set)
         self.live_ends: dict[str, float] = {}
+        self.approvers: dict[str, str] = {}  # grant id -> who approved it, for audit annotations
         self.event_cursor = 0
         self.maintenance: asyncio.Task | None = None
         self.store_failing = False
@@ -138,8 +139,20 @@ class Grants:
                 call.grant = decision.grant
                 call.annotations["jitgate.dev/grant"] = decision.grant.id
                 call.annotations["jitgate.dev/access-request"] = decision.grant.request_id
+                call.annotations["jitgate.dev/approvers"] = self.approvers_of(decision.grant)
             return True
         return None
+
+    def approvers_of(self, grant: Grant) -> str:
+        """Read once per grant: reviews never change after approval."""
+        names = self.approvers.get(grant.id)
+        if names is None:
+            request = self.store.get_request(grant.request_id)
+            names = ",".join(request.approvers) or "system:jitgate"
+            if len(self.approvers) > 10_000:
+                self.approvers.clear()
+            self.approvers[grant.id] = names
+        return names
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)

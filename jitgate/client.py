@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ class ApiError(Exception):
 # Tokens
 
 
-class TokenSource:
-    def token(self) -> str:
-        raise NotImplementedError
+class TokenSource(ABC):
+    """Where the caller's OIDC ID token comes from (kubeconfig token, tokenFile, exec plugin)."""
+
+    @abstractmethod
+    def token(self) -> str: ...
 
 
 @dataclass

@@ -173,6 +173,8 @@ def test_two_distinct_approvers_then_exactly_the_granted_scope(jit: JIT) -> None
         assert result.returncode != 0 and "jitgate: no active grant" in result.stderr, (wider, result.stderr)
     granted = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/grant") == shown["grant"]["id"]]
     assert granted and all(e["responseStatus"]["code"] == 200 for e in granted)
+    assert all(e["annotations"]["jitgate.dev/approvers"] == "dave@example.com,bob@example.com" for e in granted)
+    assert all(e["annotations"]["jitgate.dev/access-request"] == request_id for e in granted)
 
 
 def test_grant_expires_on_time(jit: JIT) -> None:
