@@ -17,7 +17,7 @@ import time
 from mitmproxy import ctx, http
 
 from jitgate.api import AccessAPI, is_api_path
-from jitgate.mitm import call_of, refuse
+from jitgate.mitm import call_of, find_addon, refuse
 
 
 class AccessAPIServer:
@@ -25,13 +25,13 @@ class AccessAPIServer:
         self.api: AccessAPI | None = None
 
     def running(self) -> None:
-        if ctx.master.addons.get("grants") is None:
+        if find_addon("grants") is None:
             raise RuntimeError("addons/access_api.py needs addons/grants.py loaded too")
 
     def access_api(self) -> AccessAPI | None:
         # Built on first use: listeners may accept calls before every addon's running() has run.
         if self.api is None:
-            grants = ctx.master.addons.get("grants")
+            grants = find_addon("grants")
             if grants is not None:
                 self.api = AccessAPI(store=_Lazy(grants), rules_provider=lambda: grants.rules,
                                      notifier=_Notifier(grants), now=time.time)

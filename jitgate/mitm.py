@@ -37,6 +37,15 @@ def refuse(flow: http.HTTPFlow, code: int, message: str, reason: str | None = No
     )
 
 
+def find_addon(name: str):
+    """A jitgate step by addon name, whether loaded alone (`-s addons/grants.py`) or inside the
+    gateway's dispatcher (addons/gateway.py)."""
+    addon = ctx.master.addons.get(name)
+    if addon is None and (gateway := ctx.master.addons.get("gateway")) is not None:
+        addon = gateway.step(name)
+    return addon
+
+
 def declare_policy_option(loader) -> None:
     """Every addon that reads the policy declares the same option, so each can be loaded alone."""
     loader.add_option("policy", str, "", POLICY_HELP)
