@@ -34,6 +34,8 @@ def upstream_tls_context(cluster: Cluster) -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     context.set_verify(SSL.VERIFY_PEER, None)
+    # Idle watches are the common case: let OpenSSL free its 16 KiB buffers between reads.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.load_verify_locations(str(cluster.ca_file))
     if isinstance(cluster.credential, ClientCertCredential):
         context.use_certificate_chain_file(str(cluster.credential.cert_file))
@@ -91,7 +93,9 @@ class ClusterRouting:
             # Target the address we connect to (so mitmproxy reuses upstream connections), while
             # the Host header and, in server_connect, the TLS SNI name the cluster's endpoint.
             flow.request.host, flow.request.port = cluster.connect_address
-            flow.request.host_header = cluster.endpoint.removeprefix("https://")
+            authority = cluster.endpoint.removeprefix("https://")
+            if flow.request.host_header != authority:  # reverse mode has set it already
+                flow.request.host_header = authority
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
@@ -101,6 +105,11 @@ class ClusterRouting:
             server.error = f"jitgate: refusing to connect to {server.address}: not a configured cluster"
             return
         server.sni = cluster.host
+
+    def tls_established_client(self, data: tls.TlsData) -> None:
+        # mitmproxy builds the client-side context; release idle buffers on each connection.
+        if data.ssl_conn is not None:
+            SSL._lib.SSL_set_mode(data.ssl_conn._ssl, SSL._lib.SSL_MODE_RELEASE_BUFFERS)  # type: ignore[attr-defined]
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn

@@ -57,6 +57,8 @@ class Grants:
         self.live: dict[str, set[http.HTTPFlow]] = defaultdict(set)
         self.live_ends: dict[str, float] = {}
         self.approvers: dict[str, str] = {}  # grant id -> who approved it, for audit annotations
+        self.counter: Hashable = None
+        self.counter_checked = float("-inf")
         self.event_cursor = 0
         self.maintenance: asyncio.Task | None = None
         self.store_failing = False
@@ -92,7 +94,7 @@ class Grants:
                 raise exceptions.OptionsError(f"cannot open the grant store: {e}") from None
             if self.store is not None:
                 self.store.close()
-            self.store, self.cache = store, {}
+            self.store, self.cache, self.counter_checked = store, {}, float("-inf")
         if "grant_maintenance_interval" in updated and ctx.options.grant_maintenance_interval < 1:
             raise exceptions.OptionsError("grant_maintenance_interval must be at least 1 second")
         if "hold_poll_interval_ms" in updated and not 10 <= ctx.options.hold_poll_interval_ms <= 10_000:
@@ -118,8 +120,19 @@ class Grants:
 
     # --- the per-call check -----------------------------------------------------------------------
 
+    # Asking SQLite whether anything changed costs a query; on a busy gateway once per this many
+    # seconds is enough (a revocation reaches new calls within it, and live sessions within the
+    # maintenance interval).
+    CHANGE_CHECK_SECONDS = 0.1
+
+    def current_counter(self) -> Hashable:
+        now = time.monotonic()
+        if now - self.counter_checked >= self.CHANGE_CHECK_SECONDS:
+            self.counter, self.counter_checked = self.store.change_counter(), now
+        return self.counter
+
     def active_grants(self, username: str, cluster: str) -> tuple[Grant, ...]:
-        counter = self.store.change_counter()
+        counter = self.current_counter()
         hit = self.cache.get((username, cluster))
         if hit is not None and hit[0] == counter:
             return hit[1]

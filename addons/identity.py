@@ -25,28 +25,41 @@ log = logging.getLogger("jitgate.identity")
 WS_TOKEN_PREFIX = "base64url.bearer.authorization.k8s.io."
 
 
-def take_bearer_token(request: http.Request) -> str | None:
-    """Remove every form of caller credential from the request and return the bearer token, if any."""
-    token = None
-    auth = request.headers.pop("Authorization", "")
-    request.headers.pop("Proxy-Authorization", None)
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        token = value.strip()
-    protocols = request.headers.get("Sec-WebSocket-Protocol")
-    if protocols and WS_TOKEN_PREFIX in protocols:
-        kept = []
-        for proto in (p.strip() for p in protocols.split(",")):
-            if proto.startswith(WS_TOKEN_PREFIX):
-                encoded = proto[len(WS_TOKEN_PREFIX):]
-                try:
-                    token = token or base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-                except (binascii.Error, UnicodeDecodeError):
-                    pass
-            elif proto:
-                kept.append(proto)
-        request.headers["Sec-WebSocket-Protocol"] = ", ".join(kept)
-    return token
+def take_bearer_token(request: http.Request) -> tuple[str | None, str | None]:
+    """Remove every form of caller credential from the request; return (bearer token, first
+    Impersonate-* header name). One pass over the raw header fields: this runs on every call, and
+    each mitmproxy Headers lookup scans all fields again."""
+    token = impersonation = None
+    credential_names = (b"authorization", b"proxy-authorization")
+    found_credential = found_protocols = False
+    for name, value in request.headers.fields:
+        lname = name.lower()
+        if lname in credential_names:
+            found_credential = True
+            scheme, _, rest = value.partition(b" ")
+            if lname == b"authorization" and scheme.lower() == b"bearer" and rest.strip() and token is None:
+                token = rest.strip().decode("latin-1")
+        elif lname == b"sec-websocket-protocol":
+            found_protocols = True
+        elif lname.startswith(b"impersonate-") and impersonation is None:
+            impersonation = name.decode("latin-1")
+    if found_credential:
+        request.headers.fields = tuple(f for f in request.headers.fields if f[0].lower() not in credential_names)
+    if found_protocols:
+        protocols = request.headers.get("Sec-WebSocket-Protocol", "")
+        if WS_TOKEN_PREFIX in protocols:
+            kept = []
+            for proto in (p.strip() for p in protocols.split(",")):
+                if proto.startswith(WS_TOKEN_PREFIX):
+                    encoded = proto[len(WS_TOKEN_PREFIX):]
+                    try:
+                        token = token or base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+                    except (binascii.Error, UnicodeDecodeError):
+                        pass
+                elif proto:
+                    kept.append(proto)
+            request.headers["Sec-WebSocket-Protocol"] = ", ".join(kept)
+    return token, impersonation
 
 
 def reserved_name(username: str, groups: tuple[str, ...]) -> str | None:
@@ -81,12 +94,11 @@ class Identity:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        token = take_bearer_token(flow.request)
+        token, impersonation = take_bearer_token(flow.request)
         if flow.response:
             return
-        impersonation = sorted({k for k in flow.request.headers if k.lower().startswith("impersonate-")})
         if impersonation:
-            refuse(flow, 403, f"jitgate: impersonation is not allowed (header {impersonation[0]}); "
+            refuse(flow, 403, f"jitgate: impersonation is not allowed (header {impersonation}); "
                               "the gateway itself tells the cluster who you are")
             return
         if token is None:

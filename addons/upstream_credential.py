@@ -121,6 +121,7 @@ class UpstreamCredential:
         headers = flow.request.headers
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+            call.credential_sent = True
         if call.cluster.impersonate:
             headers["Impersonate-User"] = call.identity.username
             headers.set_all("Impersonate-Group", list(call.identity.groups))
@@ -128,7 +129,9 @@ class UpstreamCredential:
     @staticmethod
     def scrub(flow: http.HTTPFlow) -> None:
         # The request has been sent: from here on the flow is only logged, saved and recorded.
-        flow.request.headers.pop("Authorization", None)
+        # (The caller's own credentials were removed by the identity step already.)
+        if call_of(flow).credential_sent:
+            flow.request.headers.pop("Authorization", None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.scrub(flow)

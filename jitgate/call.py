@@ -30,6 +30,7 @@ class Call:
     decision: str = ""  # "" until a step decides; ALLOW or DENY after
     reason: str = ""  # why, in words an operator reads in the audit log
     long_running: bool = False  # watch, log follow, exec: audited at start and at end
+    credential_sent: bool = False  # the gateway's cluster credential is on the request: scrub it
     started_audited: bool = False
     completed_audited: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
