@@ -225,8 +225,9 @@ def grant_decision_curve(policy: Policy, counts: Sequence[int] = GRANT_COUNTS) -
     for label, points in curve.series.items():
         curve.notes.append(f"{label}: {spread([y for _, y in points]):.0%} from the smallest to the largest store "
                            "(target: within 10%)")
-    curve.notes.append("each decision also asks SQLite whether the store changed (PRAGMA data_version); the "
-                       "grants are re-read (indexed by user and cluster) only after a change")
+    curve.notes.append("the gateway asks SQLite whether the store changed (PRAGMA data_version) at most every "
+                       f"{load_grants_addon().CHANGE_CHECK_SECONDS * 1000:.0f} ms; the caller's grants are re-read (indexed by user "
+                       "and cluster) only after a change")
     return curve
 
 
