@@ -173,8 +173,9 @@ def test_policy_check_command(files: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"{bad}:5: clusters[0].ca_file: file not found" in capsys.readouterr().err
 
 
-def test_shipped_examples_are_valid(tmp_path: Path) -> None:
-    """The EKS example is valid once its placeholder CA files exist."""
+def test_shipped_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EKS example is valid once its placeholder CA files and its webhook secret exist."""
+    monkeypatch.setenv("JITGATE_SLACK_WEBHOOK", "https://hooks.slack.example/services/T0/B0/x")
     text = (REPO / "policies/examples/eks.yaml").read_text()
     for ca in ("prod-eu-ca.pem", "staging-ca.pem"):
         (tmp_path / ca).write_text("x")
@@ -182,6 +183,12 @@ def test_shipped_examples_are_valid(tmp_path: Path) -> None:
     policy = load_policy(write(tmp_path, text))
     assert [c.name for c in policy.clusters] == ["prod-eu", "staging"]
     assert policy.clusters[1].connect == ("10.0.12.34", 443)
+    assert policy.clusters[0].upstream_roles == {"readonly": "arn:aws:iam::123456789012:role/jitgate-prod-eu-readonly"}
+    assert [r.name for r in policy.access_rules] == ["prod-read", "staging-operate"]
+    assert policy.access_rules[0].upstream_role == "readonly" and len(policy.webhooks) == 1
+    monkeypatch.delenv("JITGATE_SLACK_WEBHOOK")
+    with pytest.raises(PolicyError, match="JITGATE_SLACK_WEBHOOK is not set"):
+        load_policy(tmp_path / "policy.yaml")
 
 
 RULES = """
