@@ -84,12 +84,14 @@ def test_refusal_discovery_grant_and_store_failure(policy: Path, tmp_path: Path)
         request = store.create_request(rules, ALICE, Scope("dev", ("dev",), False, ("pods",), ("get", "list")), now=time.time())
         store.review(rules, request.id, BOB, "approve", "ok", now=time.time())
         store.close()
+        time.sleep(addon.CHANGE_CHECK_SECONDS)  # another process's change is seen within this
         allowed = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
         assert allowed.response is None and call_of(allowed).grant is not None
         wider = flow_for(addon, "GET", "/api/v1/namespaces/prod/pods")
         assert wider.response.status_code == 403
 
         addon.store.close()  # the store goes away under the gateway: fail closed
+        time.sleep(addon.CHANGE_CHECK_SECONDS)  # cached grants serve at most this long
         broken = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
         assert broken.response.status_code == 503
         assert b"grant store" in broken.response.content
