@@ -279,17 +279,22 @@ class AccessAPI:
         return 200, request_view(request, rules)
 
     def _visible_request(self, call: ApiCall, rules: Sequence[AccessRule]) -> AccessRequest:
-        missing = NotFound(f"there is no access request {call.ident!r} that you can see "
-                           "(you see your own requests and those under access rules you review)")
+        return self._visible(call, rules, "access request", "requests", self.store.get_request, lambda r: r.requester)
+
+    def _visible(self, call: ApiCall, rules: Sequence[AccessRule], what: str, plural: str, fetch, owner_of):
+        """The object `call.ident` names, if the caller may see it: their own, or under a rule they
+        review. Anything else is "not found", so ids of others' requests and grants leak nothing."""
+        missing = NotFound(f"there is no {what} {call.ident!r} that you can see "
+                           f"(you see your own {plural} and those under access rules you review)")
         if not _ID.fullmatch(call.ident or ""):
             raise missing
         try:
-            request = self.store.get_request(call.ident)
+            found = fetch(call.ident)
         except NotFound:
             raise missing from None
-        if not may_see(call.who, request.requester, request.rule, rules):
+        if not may_see(call.who, owner_of(found), found.rule, rules):
             raise missing
-        return request
+        return found
 
     # -- grants
 
@@ -328,17 +333,7 @@ class AccessAPI:
         return 200, grant_view(grant, call.now)
 
     def _visible_grant(self, call: ApiCall, rules: Sequence[AccessRule]) -> Grant:
-        missing = NotFound(f"there is no grant {call.ident!r} that you can see "
-                           "(you see your own grants and those under access rules you review)")
-        if not _ID.fullmatch(call.ident or ""):
-            raise missing
-        try:
-            grant = self.store.get_grant(call.ident)
-        except NotFound:
-            raise missing from None
-        if not may_see(call.who, grant.username, grant.rule, rules):
-            raise missing
-        return grant
+        return self._visible(call, rules, "grant", "grants", self.store.get_grant, lambda g: g.username)
 
     # -- notifications
 
