@@ -76,7 +76,7 @@ def main() -> int:
         standin_log = (STATE / "standin.log").open("wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "jitgate.standin", "--port", str(PORTS["stand-in cluster"]), "--cert", str(cert),
-             "--key", str(key), "--token", cluster_token.read_text()],
+             "--key", str(key), "--token-file", str(cluster_token)],
             stdout=standin_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         idp.start(ca, port=PORTS["OIDC provider"])
         wait_for_port(PORTS["stand-in cluster"], procs[0])

@@ -612,3 +612,32 @@ def test_followed_log_ends_with_its_pod(api):
         started = time.monotonic()
         resp.read()  # returns only when the server ends the stream
     assert time.monotonic() - started < 2
+
+
+def test_token_file_keeps_the_token_off_the_command_line(ca, tmp_path):
+    """A token read from a file: not visible in the process list, and one starting with "-" (which
+    argparse would take for an option) works."""
+    import ssl
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.support.net import free_port, stop, wait_for_port
+
+    token = "-starts-like-an-option"
+    token_file = tmp_path / "cluster-token"
+    token_file.write_text(token + "\n")
+    cert, key = ca.issue("standin-token-file", hosts=["127.0.0.1"])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jitgate.standin", "--port", str(port), "--cert", str(cert),
+                             "--key", str(key), "--token-file", str(token_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        assert token not in open(f"/proc/{proc.pid}/cmdline", "rb").read().decode(errors="replace")
+        request = urllib.request.Request(f"https://127.0.0.1:{port}/api/v1/namespaces", headers={"Authorization": f"Bearer {token}"})
+        context = ssl.create_default_context(cafile=str(ca.cert_path))
+        with urllib.request.urlopen(request, context=context, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        stop(proc)

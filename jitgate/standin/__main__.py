@@ -8,6 +8,7 @@ import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="server private key (PEM)")
     p.add_argument("--token", action="append", default=[], metavar="TOKEN",
                    help="an accepted bearer token (repeatable); it authenticates as standin-admin")
+    p.add_argument("--token-file", action="append", default=[], metavar="FILE",
+                   help="a file holding an accepted bearer token (repeatable); keeps it out of the process list")
     p.add_argument("--eks-cluster", metavar="NAME",
                    help="accept EKS tokens (k8s-aws-v1.…, checked by shape) for the cluster NAME")
     p.add_argument("--client-ca", metavar="CA", help="accept TLS client certificates issued by this CA (PEM)")
@@ -74,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"jitgate-standin: {e}", file=sys.stderr)
         return 2
-    if not (args.token or args.eks_cluster or args.client_ca):
-        print("jitgate-standin: give at least one of --token, --eks-cluster, --client-ca", file=sys.stderr)
+    tokens = list(args.token)
+    for path in args.token_file:
+        try:
+            tokens.append(Path(path).read_text().strip())
+        except OSError as e:
+            print(f"jitgate-standin: cannot read token file {path}: {e.strerror}", file=sys.stderr)
+            return 2
+    if not (tokens or args.eks_cluster or args.client_ca):
+        print("jitgate-standin: give at least one of --token, --token-file, --eks-cluster, --client-ca", file=sys.stderr)
         return 2
-    config = StandinConfig(tokens=args.token, eks_cluster=args.eks_cluster, deny=deny,
+    config = StandinConfig(tokens=tokens, eks_cluster=args.eks_cluster, deny=deny,
                            log_interval=args.log_interval, bookmark_interval=args.bookmark_interval,
                            seed=not args.no_seed)
     try:
