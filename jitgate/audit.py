@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote
 
+from jitgate.files import make_private_dirs
 from jitgate.requestinfo import RequestInfo
 from jitgate.status import REASONS
 
@@ -222,7 +223,7 @@ class AuditLog:
 
     def _open(self) -> tuple[int, tuple[int, int]]:
         try:
-            _make_private_dirs(self.path.parent)
+            make_private_dirs(self.path.parent)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             fd = os.open(self.path, flags, 0o600)
         except OSError as e:
@@ -291,22 +292,6 @@ class AuditLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _make_private_dirs(directory: Path) -> None:
-    """Create `directory` and its missing parents with mode 0700 (`os.makedirs` would give the
-    parents the default mode)."""
-    missing: list[Path] = []
-    while not directory.exists():
-        missing.append(directory)
-        if directory.parent == directory:
-            break
-        directory = directory.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            pass  # created meanwhile by another process; a non-directory fails the open
 
 
 def _try_write(fd: int, data: bytes) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jitgate.files import make_private_dirs
 from jitgate.access import (
     AccessError,
     AccessRequest,
@@ -632,18 +633,7 @@ def _describe(e: sqlite3.Error) -> str:
 def _create_private_file(path: Path) -> None:
     """Create the database file 0600 (and missing folders 0700) before SQLite opens it; SQLite
     gives its -wal and -shm files the database file's mode."""
-    missing: list[Path] = []
-    folder = path.parent
-    while not folder.exists():
-        missing.append(folder)
-        if folder.parent == folder:
-            break
-        folder = folder.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            pass
+    make_private_dirs(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.close(fd)
 
