@@ -16,8 +16,8 @@ import time
 
 from mitmproxy import ctx, http
 
-from jitgate.api import AccessAPI, is_api_path
-from jitgate.mitm import call_of, find_addon, refuse
+from jitgate.api.access_api import AccessAPI, is_api_path
+from jitgate.chain.flow import call_of, find_addon, refuse
 
 
 class AccessAPIServer:

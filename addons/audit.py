@@ -17,10 +17,11 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from jitgate.audit import AuditLog, AuditLogError, build_event, object_ref_from
-from jitgate.call import Call
-from jitgate.mitm import call_of, refuse
-from jitgate.status import status_body
+from jitgate.audit.log import AuditLog, AuditLogError
+from jitgate.chain.call import Call
+from jitgate.chain.flow import call_of, refuse
+from jitgate.kube.audit_event import build_event, object_ref_from
+from jitgate.kube.status import status_body
 
 log = logging.getLogger("jitgate.audit")
 

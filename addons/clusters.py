@@ -19,8 +19,9 @@ from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import mode_specs, server_hooks
 from OpenSSL import SSL
 
-from jitgate.mitm import call_of, current_policy, declare_policy_option, refuse
-from jitgate.policy import ClientCertCredential, Cluster, Policy
+from jitgate.chain.flow import call_of, current_policy, declare_policy_option, refuse
+from jitgate.policy.clusters import ClientCertCredential, Cluster
+from jitgate.policy.loader import Policy
 
 log = logging.getLogger("jitgate.clusters")
 

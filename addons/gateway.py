@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
-from jitgate.mitm import refuse  # noqa: E402
-from jitgate.status import status_body  # noqa: E402
+from jitgate.chain.flow import refuse  # noqa: E402
+from jitgate.kube.status import status_body  # noqa: E402
 
 log = logging.getLogger("jitgate.gateway")
 

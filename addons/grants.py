@@ -23,22 +23,22 @@ from collections.abc import Hashable
 
 from mitmproxy import ctx, exceptions, http
 
-from jitgate.access import (
-    AccessError,
-    AccessRequest,
-    EventKind,
-    Grant,
-    RequestState,
-    authorize_call,
-    choose_rule,
-    how_to_request,
-    scope_for_call,
+from jitgate.access.authorize import authorize_call, scope_for_call
+from jitgate.access.errors import AccessError
+from jitgate.access.messages import how_to_request
+from jitgate.access.model import AccessRequest, EventKind, Grant, RequestState
+from jitgate.access.rules import choose_rule
+from jitgate.api.access_api import notification_view
+from jitgate.chain.call import Call
+from jitgate.chain.flow import (
+    call_of,
+    close_client_connection,
+    current_policy,
+    declare_policy_option,
+    refuse,
 )
-from jitgate.api import notification_view
-from jitgate.call import Call
-from jitgate.mitm import call_of, close_client_connection, current_policy, declare_policy_option, refuse
-from jitgate.notify import Notifier
-from jitgate.store import SQLiteStore, Store, StoreError
+from jitgate.notify.webhooks import Notifier
+from jitgate.store.sqlite import SQLiteStore, Store, StoreError
 
 log = logging.getLogger("jitgate.grants")
 

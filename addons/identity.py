@@ -16,8 +16,8 @@ import logging
 
 from mitmproxy import ctx, exceptions, http
 
-from jitgate.mitm import call_of, current_policy, declare_policy_option, refuse
-from jitgate.oidc import IssuerUnavailable, OIDCVerifier, TokenError
+from jitgate.chain.flow import call_of, current_policy, declare_policy_option, refuse
+from jitgate.identity.oidc import IssuerUnavailable, OIDCVerifier, TokenError
 
 log = logging.getLogger("jitgate.identity")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from jitgate.mitm import call_of, refuse
-from jitgate.requestinfo import AmbiguousRequestError, parse_request
+from jitgate.chain.flow import call_of, refuse
+from jitgate.kube.request_info import AmbiguousRequestError, parse_request
 
 
 class RequestAttributes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mitmproxy import ctx, http
 
-from jitgate.mitm import call_of
+from jitgate.chain.flow import call_of
 
 # mitmproxy's default idle timeout (600 s) would cut quiet watches; kube's own watches last up to
 # ~30 minutes (min-request-timeout 1800 s), so idle connections may live a little longer than that.

@@ -18,9 +18,13 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from jitgate.eks import EKSClusterCredentialConfig, EKSTokenProvider, UpstreamCredentialError
-from jitgate.mitm import call_of, current_policy, declare_policy_option, refuse
-from jitgate.policy import Cluster, TokenFileCredential
+from jitgate.chain.flow import call_of, current_policy, declare_policy_option, refuse
+from jitgate.policy.clusters import Cluster, TokenFileCredential
+from jitgate.upstream.eks import (
+    EKSClusterCredentialConfig,
+    EKSTokenProvider,
+    UpstreamCredentialError,
+)
 
 log = logging.getLogger("jitgate.upstream")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jitgate import kubeconfig  # noqa: E402
-from jitgate.policy import load_policy  # noqa: E402
-from tests.support.net import TestCA, stop, wait_for_port  # noqa: E402
-from tests.support.oidc_provider import OIDCProviderProcess  # noqa: E402
+from jitgate.cli import kubeconfig  # noqa: E402
+from jitgate.policy.loader import load_policy  # noqa: E402
+from testkit.net import TestCA, stop, wait_for_port  # noqa: E402
+from testkit.oidc_provider import OIDCProviderProcess  # noqa: E402
 
 POLICY = REPO / "policies" / "demo.yaml"
 STATE = REPO / "state" / "demo"
@@ -75,9 +75,9 @@ def main() -> int:
     try:
         standin_log = (STATE / "standin.log").open("wb")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jitgate.standin", "--port", str(PORTS["stand-in cluster"]), "--cert", str(cert),
+            [sys.executable, "-m", "testkit.standin", "--port", str(PORTS["stand-in cluster"]), "--cert", str(cert),
              "--key", str(key), "--token-file", str(cluster_token)],
-            stdout=standin_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            stdout=standin_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO))
         idp.start(ca, port=PORTS["OIDC provider"])
         wait_for_port(PORTS["stand-in cluster"], procs[0])
 

@@ -1,7 +1,7 @@
 """Session-wide real processes: a test CA, the OIDC provider, STS (moto), stand-in clusters, the gateway.
 
 Starting them once per session keeps the end-to-end suite fast; tests that need a gateway with other
-settings start their own from `tests.support.gateway`.
+settings start their own from `testkit.gateway`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateway import GatewayProcess
-from tests.support.moto import MotoServer
-from tests.support.net import TestCA
-from tests.support.oidc_provider import OIDCProviderProcess
-from tests.support.standin import StandinProcess
+from testkit.gateway import GatewayProcess
+from testkit.moto import MotoServer
+from testkit.net import TestCA
+from testkit.oidc_provider import OIDCProviderProcess
+from testkit.standin.process import StandinProcess
 
 DEV_HOST = "api.dev.jitgate.test"  # non-loopback names only the gateway maps to a stand-in
 LAB_HOST = "api.lab.jitgate.test"
@@ -102,9 +102,10 @@ REVIEWER = ("rita@example.com", ("oidc:sre",))
 
 def grant_everything(grant_store: Path, policy: Path, cluster: str, user: tuple = ALICE) -> str:
     """File and approve (by another person) a cluster-wide grant for `user`; returns the grant id."""
-    from jitgate.access import Person, Scope
-    from jitgate.policy import load_policy
-    from jitgate.store import SQLiteStore
+    from jitgate.access.model import Person
+    from jitgate.access.scope import Scope
+    from jitgate.policy.loader import load_policy
+    from jitgate.store.sqlite import SQLiteStore
 
     rules = load_policy(policy).access_rules
     scope = Scope(cluster, (), True, ("*", "secrets", "pods/log", "pods/exec", "pods/attach"),

@@ -9,38 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.access import (
-    ANY_RESOURCE,
-    SYSTEM_ACTOR,
-    AccessError,
-    AccessRule,
-    Approval,
-    ApprovalMode,
-    Conflict,
-    Decision,
-    Grant,
-    GrantState,
-    InvalidRequest,
-    NotAllowed,
-    Person,
-    RequestState,
-    ResourceRef,
-    Scope,
+from jitgate.access.authorize import (
     authorize_call,
     call_allowed_by,
-    choose_rule,
-    format_duration,
-    how_to_request,
     is_discovery,
-    open_request,
-    parse_access_rules,
-    parse_duration,
-    request_command,
-    review_request,
     scope_for_call,
 )
-from jitgate.policy import Cluster, Node, PolicyError, TokenFileCredential, _read_file
-from jitgate.requestinfo import parse_request
+from jitgate.access.errors import AccessError, Conflict, InvalidRequest, NotAllowed
+from jitgate.access.messages import how_to_request, request_command
+from jitgate.access.model import Decision, Grant, GrantState, Person, RequestState
+from jitgate.access.rules import AccessRule, Approval, ApprovalMode, choose_rule
+from jitgate.access.scope import ANY_RESOURCE, SYSTEM_ACTOR, ResourceRef, Scope
+from jitgate.access.workflow import open_request, review_request
+from jitgate.kube.request_info import parse_request
+from jitgate.policy.access_rules import parse_access_rules
+from jitgate.policy.clusters import Cluster, TokenFileCredential
+from jitgate.policy.document import Node, PolicyError
+from jitgate.policy.loader import _read_file
+from jitgate.timefmt import format_duration, parse_duration
 
 
 def clusters(tmp_path: Path) -> dict[str, Cluster]:

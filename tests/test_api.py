@@ -21,13 +21,23 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from ruamel.yaml import YAML
 
-from jitgate.access import AccessRule, parse_access_rules
-from jitgate.api import API_PREFIX, MAX_BODY, ROUTES, AccessAPI, Route, is_api_path
-from jitgate.notify import Notifier, Webhook
-from jitgate.oidc import Identity
-from jitgate.policy import Cluster, Node, TokenFileCredential, _read_file
-from jitgate.store import SQLiteStore
-from tests.support.net import TestCA, free_port
+from jitgate.access.rules import AccessRule
+from jitgate.api.access_api import (
+    API_PREFIX,
+    MAX_BODY,
+    ROUTES,
+    AccessAPI,
+    Route,
+    is_api_path,
+)
+from jitgate.identity.oidc import Identity
+from jitgate.notify.webhooks import Notifier, Webhook
+from jitgate.policy.access_rules import parse_access_rules
+from jitgate.policy.clusters import Cluster, TokenFileCredential
+from jitgate.policy.document import Node
+from jitgate.policy.loader import _read_file
+from jitgate.store.sqlite import SQLiteStore
+from testkit.net import TestCA, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = YAML(typ="safe", pure=True).load((REPO / "docs/openapi.yaml").read_text())

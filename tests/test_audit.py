@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.audit import (
+from jitgate.audit.log import AuditLog, AuditLogError
+from jitgate.kube.audit_event import (
     MAX_USER_AGENT_LENGTH,
-    AuditLog,
-    AuditLogError,
     build_event,
     micro_time,
     new_audit_id,
     object_ref_from,
     redact_request_uri,
 )
-from jitgate.requestinfo import parse_request
+from jitgate.kube.request_info import parse_request
 
 # JSON names of audit/v1 Event, ObjectReference and authentication/v1 UserInfo
 # (k8s.io/apiserver/pkg/apis/audit/v1/types.go, k8s.io/api/authentication/v1/types.go).
@@ -290,7 +289,7 @@ def test_concurrent_threads_never_interleave(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from jitgate.audit import AuditLog
+    from jitgate.audit.log import AuditLog
     log = AuditLog(sys.argv[1])
     tag = sys.argv[2]
     sys.stdin.readline()  # start together
@@ -454,6 +453,6 @@ def test_read_only_directory_raises():
 
 
 def test_stdout():
-    code = "from jitgate.audit import AuditLog; log = AuditLog('-'); log.write({'a': 1}); log.write({'b': 2}); log.close()"
+    code = "from jitgate.audit.log import AuditLog; log = AuditLog('-'); log.write({'a': 1}); log.write({'b': 2}); log.close()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True).stdout
     assert out == b'{"a":1}\n{"b":2}\n'

@@ -25,14 +25,16 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.access import AccessRule, Scope, request_command, rule_named
-from jitgate.api import AccessAPI, is_api_path
-from jitgate.kubeconfig import dump
-from jitgate.oidc import IssuerConfig, OIDCVerifier, TokenError
-from jitgate.status import status_body
-from jitgate.store import SQLiteStore
-from tests.support.net import TestCA, free_port
-from tests.support.oidc_provider import OIDCProviderProcess
+from jitgate.access.messages import request_command
+from jitgate.access.rules import AccessRule, rule_named
+from jitgate.access.scope import Scope
+from jitgate.api.access_api import AccessAPI, is_api_path
+from jitgate.cli.kubeconfig import dump
+from jitgate.identity.oidc import IssuerConfig, OIDCVerifier, TokenError
+from jitgate.kube.status import status_body
+from jitgate.store.sqlite import SQLiteStore
+from testkit.net import TestCA, free_port
+from testkit.oidc_provider import OIDCProviderProcess
 from tests.test_api import parse_rules
 
 REPO = Path(__file__).resolve().parents[1]

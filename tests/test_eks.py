@@ -18,7 +18,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from jitgate.eks import (
+from jitgate.upstream.eks import (
     TOKEN_PREFIX,
     EKSClusterCredentialConfig,
     EKSTokenProvider,
@@ -28,8 +28,8 @@ from jitgate.eks import (
     role_session_name,
     source_identity,
 )
-from tests.support.moto import MotoServer
-from tests.support import net
+from testkit import net
+from testkit.moto import MotoServer
 
 CLUSTER = "demo"
 REGION = "us-east-1"
@@ -312,7 +312,7 @@ def assert_no_secrets(text: str) -> None:
 
 
 def test_sts_unreachable(caplog):
-    caplog.set_level(logging.DEBUG, logger="jitgate.eks")
+    caplog.set_level(logging.DEBUG, logger="jitgate.upstream.eks")
     config = EKSClusterCredentialConfig(
         REGION, CLUSTER, "arn:aws:iam::123456789012:role/jitgate-eks-admin",
         sts_endpoint=f"https://127.0.0.1:{net.free_port()}",

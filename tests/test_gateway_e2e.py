@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEV_HOST, E2E_RULES, INSPECTOR_TOKEN, LAB_CLUSTER_TOKEN, LAB_HOST, Stack, grant_everything
-from tests.support import forge
-from tests.support.standin import KUBECTL, kubectl_env, run_kubectl, token_sha256
+from testkit import forge
+from testkit.standin.process import KUBECTL, kubectl_env, run_kubectl, token_sha256
+from tests.conftest import (
+    DEV_HOST,
+    E2E_RULES,
+    INSPECTOR_TOKEN,
+    LAB_CLUSTER_TOKEN,
+    LAB_HOST,
+    Stack,
+    grant_everything,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,8 +350,8 @@ def test_plaintext_to_a_reverse_listener_is_refused(stack: Stack, alice_token: s
 
 def test_no_credential_in_logs_or_recordings(stack: Stack, alice_token: str, tmp_path: Path, ca, idp, sts, dev_cluster, lab_cluster) -> None:
     """A gateway run with verbose flow logging, `-w` flow files and a HAR: no caller token, no EKS token."""
+    from testkit.gateway import GatewayProcess
     from tests.conftest import aws_env
-    from tests.support.gateway import GatewayProcess
 
     flows, har = tmp_path / "flows.mitm", tmp_path / "session.har"
     gateway = GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
@@ -372,8 +380,8 @@ def test_no_credential_in_logs_or_recordings(stack: Stack, alice_token: str, tmp
 
 def test_audit_failure_fails_closed(stack: Stack, alice_token: str, tmp_path: Path) -> None:
     """/dev/full accepts the open and fails every write: no call may get through."""
+    from testkit.gateway import GatewayProcess
     from tests.conftest import aws_env
-    from tests.support.gateway import GatewayProcess
 
     gateway = GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
                              options={"audit_log": "/dev/full", "grant_store": str(stack.grant_store)},
@@ -400,7 +408,7 @@ def test_audit_failure_fails_closed(stack: Stack, alice_token: str, tmp_path: Pa
 
 
 def test_policy_error_stops_the_start(stack: Stack, tmp_path: Path) -> None:
-    from tests.support.gateway import GatewayProcess
+    from testkit.gateway import GatewayProcess
 
     bad = stack.policy.with_name("bad-policy.yaml")  # beside the original, so its relative paths hold
     bad.write_text(stack.policy.read_text().replace("username_claim: email", "username_claim: email\n    algorithms: [none]"))
@@ -426,8 +434,8 @@ def open_watch(port: int, ca_path: Path, token: str) -> tuple[http.client.HTTPSC
 
 def test_quiet_watch_outlives_the_proxy_idle_timeout(stack: Stack, alice_token: str, tmp_path: Path) -> None:
     """tcp_timeout=2 would cut a watch quiet for 3 s; watch_idle_timeout raises it. Control: without the raise it is cut."""
+    from testkit.gateway import GatewayProcess
     from tests.conftest import aws_env
-    from tests.support.gateway import GatewayProcess
 
     outcomes = {}
     for name, idle in (("raised", "6"), ("control", "2")):
@@ -452,9 +460,9 @@ def test_quiet_watch_outlives_the_proxy_idle_timeout(stack: Stack, alice_token: 
 
 def test_client_certificate_credential(stack: Stack, ca, alice_token: str, tmp_path: Path) -> None:
     """A cluster reached with a client certificate held by the gateway, set on the upstream TLS connection."""
+    from testkit.gateway import GatewayProcess
+    from testkit.standin.process import StandinProcess
     from tests.conftest import aws_env
-    from tests.support.gateway import GatewayProcess
-    from tests.support.standin import StandinProcess
 
     client_cert, client_key = ca.issue("jitgate-gateway-client", client=True)
     host = "api.certs.jitgate.test"
@@ -499,7 +507,7 @@ def test_plain_http_through_the_proxy_is_refused(stack: Stack, alice_token: str)
 
 def test_exec_interactive_tty(stack: Stack, kc: Path) -> None:
     """`kubectl exec -it` on a real terminal, through the gateway: prompt, command, exit code."""
-    from tests.support.standin import TerminalSession
+    from testkit.standin.process import TerminalSession
 
     session = TerminalSession([KUBECTL, "exec", "-it", "-n", "dev", "toolbox", "--", "sh"], kubectl_env(kc))
     try:

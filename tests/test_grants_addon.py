@@ -12,12 +12,13 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from jitgate.access import Person, Scope
-from jitgate.mitm import call_of
-from jitgate.oidc import Identity
-from jitgate.requestinfo import parse_request
-from jitgate.store import SQLiteStore
-from tests.support.gateway import REPO
+from jitgate.access.model import Person
+from jitgate.access.scope import Scope
+from jitgate.chain.flow import call_of
+from jitgate.identity.oidc import Identity
+from jitgate.kube.request_info import parse_request
+from jitgate.store.sqlite import SQLiteStore
+from testkit.gateway import REPO
 
 _spec = importlib.util.spec_from_file_location("jitgate_addons_under_test.grants", REPO / "addons/grants.py")
 grants_module = importlib.util.module_from_spec(_spec)
@@ -55,8 +56,9 @@ def policy(tmp_path: Path) -> Path:
 
 def flow_for(addon, method: str, path: str):
     """A flow as the steps before grants leave it: identity, cluster and request attributes set."""
-    from jitgate.policy import load_policy_cached
     from mitmproxy import ctx
+
+    from jitgate.policy.loader import load_policy_cached
 
     flow = tflow.tflow()
     flow.request.method, flow.request.path = method, path

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit.gateway import GatewayProcess
+from testkit.standin.process import KUBECTL, kubectl_env, run_kubectl
 from tests.conftest import DEV_HOST, aws_env
-from tests.support.gateway import GatewayProcess
-from tests.support.standin import KUBECTL, kubectl_env, run_kubectl
 
 REPO = Path(__file__).resolve().parents[1]
 JITGATE = str(REPO / ".venv/bin/jitgate")

@@ -20,19 +20,19 @@ import pytest
 from aiohttp import web
 from ruamel.yaml import YAML
 
-from jitgate.notify import (
+from jitgate.notify.webhooks import (
     KINDS,
     Notifier,
     Webhook,
     make_event,
-    parse_notifications,
     parse_retry_after,
     slack_escape,
     slack_message,
     verify_signature,
 )
-from jitgate.policy import Node, PolicyError
-from tests.support import net
+from jitgate.policy.document import Node, PolicyError
+from jitgate.policy.notifications import parse_notifications
+from testkit import net
 
 REQUEST = {
     "id": "7d4f6c1e-3b8a-4f0e-9a51-2c6e0b1d9f30",

@@ -1,4 +1,4 @@
-"""jitgate.oidc against a real OIDC provider process (oidc-provider-mock over TLS)."""
+"""jitgate.identity.oidc against a real OIDC provider process (oidc-provider-mock over TLS)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ from collections.abc import Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from jitgate.oidc import Identity, IssuerConfig, IssuerUnavailable, OIDCVerifier, TokenError
-from tests.support import forge
-from tests.support import net
-from tests.support.oidc_provider import OIDCProviderProcess
+from jitgate.identity.oidc import (
+    Identity,
+    IssuerConfig,
+    IssuerUnavailable,
+    OIDCVerifier,
+    TokenError,
+)
+from testkit import forge, net
+from testkit.oidc_provider import OIDCProviderProcess
 
 CLIENT = "jitgate"
 
@@ -282,7 +287,7 @@ def test_forged_tokens_are_rejected_with_a_safe_reason(provider, caplog, name):
     token = make(provider)
     # An EC algorithm is allowed too, so the RSA key must refuse it on its own.
     verifier = OIDCVerifier([config(provider, algorithms=("RS256", "ES256"))])
-    with caplog.at_level(logging.DEBUG, logger="jitgate.oidc"):
+    with caplog.at_level(logging.DEBUG, logger="jitgate.identity.oidc"):
         error = rejection(verifier, token)
     assert error.reason == reason
     assert not isinstance(error, IssuerUnavailable)
@@ -377,7 +382,7 @@ def test_issuer_down_is_issuer_unavailable(tmp_path, caplog):
         verifier.verify(token)
     assert verifier.stats["discovery_fetches"] == 2
 
-    with caplog.at_level(logging.WARNING, logger="jitgate.oidc"):
+    with caplog.at_level(logging.WARNING, logger="jitgate.identity.oidc"):
         verifier.prefetch()  # logs, does not raise
     assert any("issuer unavailable" in r.getMessage() for r in caplog.records)
 

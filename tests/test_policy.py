@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.cli import main as cli_main
-from jitgate.eks import EKSClusterCredentialConfig
-from jitgate.policy import ClientCertCredential, PolicyError, TokenFileCredential, load_policy, load_policy_cached
+from jitgate.cli.main import main as cli_main
+from jitgate.policy.clusters import ClientCertCredential, TokenFileCredential
+from jitgate.policy.document import PolicyError
+from jitgate.policy.loader import load_policy, load_policy_cached
+from jitgate.upstream.eks import EKSClusterCredentialConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mitmproxy.http import Headers
 
-from jitgate.requestinfo import (
+from jitgate.kube.request_info import (
     MAX_PATH_SEGMENTS,
     MAX_TARGET_LENGTH,
     AmbiguousRequestError,

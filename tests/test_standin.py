@@ -18,14 +18,21 @@ from pathlib import Path
 import boto3
 import pytest
 
-from jitgate.standin.auth import AuthError, DenyRule, parse_eks_token
-from jitgate.standin.container import Container, ProcessIO, Shell, ShellExit
-from jitgate.standin.errors import ApiError
-from jitgate.standin.patch import json_patch, merge_patch, strategic_merge_patch
-from jitgate.standin.seed import SECRET_VALUES
-from jitgate.standin.selectors import field_matcher, label_matcher
-from tests.support.net import TestCA
-from tests.support.standin import KUBECTL, StandinProcess, TerminalSession, kubectl_env, run_kubectl, token_sha256
+from testkit.net import TestCA
+from testkit.standin.auth import AuthError, DenyRule, parse_eks_token
+from testkit.standin.container import Container, ProcessIO, Shell, ShellExit
+from testkit.standin.errors import ApiError
+from testkit.standin.patch import json_patch, merge_patch, strategic_merge_patch
+from testkit.standin.process import (
+    KUBECTL,
+    StandinProcess,
+    TerminalSession,
+    kubectl_env,
+    run_kubectl,
+    token_sha256,
+)
+from testkit.standin.seed import SECRET_VALUES
+from testkit.standin.selectors import field_matcher, label_matcher
 
 TOKEN = "gateway-token-5f1c"
 OTHER_TOKEN = "second-token-77aa"
@@ -622,14 +629,14 @@ def test_token_file_keeps_the_token_off_the_command_line(ca, tmp_path):
     import sys
     import urllib.request
 
-    from tests.support.net import free_port, stop, wait_for_port
+    from testkit.net import free_port, stop, wait_for_port
 
     token = "-starts-like-an-option"
     token_file = tmp_path / "cluster-token"
     token_file.write_text(token + "\n")
     cert, key = ca.issue("standin-token-file", hosts=["127.0.0.1"])
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "jitgate.standin", "--port", str(port), "--cert", str(cert),
+    proc = subprocess.Popen([sys.executable, "-m", "testkit.standin", "--port", str(port), "--cert", str(cert),
                              "--key", str(key), "--token-file", str(token_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -11,23 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.access import (
-    ANY_RESOURCE,
-    SYSTEM_ACTOR,
-    AccessRule,
-    Approval,
-    ApprovalMode,
-    Conflict,
-    GrantState,
-    InvalidRequest,
-    NotAllowed,
-    NotFound,
-    Person,
-    RequestState,
-    ResourceRef,
-    Scope,
-)
-from jitgate.store import ACTIVE_GRANTS_SQL, SQLiteStore, StoreError
+from jitgate.access.errors import Conflict, InvalidRequest, NotAllowed, NotFound
+from jitgate.access.model import GrantState, Person, RequestState
+from jitgate.access.rules import AccessRule, Approval, ApprovalMode
+from jitgate.access.scope import ANY_RESOURCE, SYSTEM_ACTOR, ResourceRef, Scope
+from jitgate.store.sqlite import ACTIVE_GRANTS_SQL, SQLiteStore, StoreError
 
 T0 = 1_700_000_000.0
 HOUR = 3600

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
-from jitgate.access import Person, Scope, how_to_request
-from jitgate.call import Call
-from jitgate.oidc import Identity, IssuerConfig, OIDCVerifier
-from jitgate.policy import Policy
-from jitgate.requestinfo import parse_request
-from jitgate.store import SQLiteStore
+from jitgate.access.messages import how_to_request
+from jitgate.access.model import Person
+from jitgate.access.scope import Scope
+from jitgate.chain.call import Call
+from jitgate.identity.oidc import Identity, IssuerConfig, OIDCVerifier
+from jitgate.kube.request_info import parse_request
+from jitgate.policy.loader import Policy
+from jitgate.store.sqlite import SQLiteStore
 from scripts.bench import bodies
 
 REPO = Path(__file__).resolve().parents[2]

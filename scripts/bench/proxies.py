@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.bench.upstream import on_cpus
-from tests.support.net import free_port, stop, wait_for_port
+from testkit.net import free_port, stop, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")

@@ -35,11 +35,17 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jitgate.client import ApiError, Client, Connection, StaticToken  # noqa: E402
-from jitgate.policy import load_policy  # noqa: E402
+from jitgate.cli.client import ApiError, Client, Connection, StaticToken  # noqa: E402
+from jitgate.policy.loader import load_policy  # noqa: E402
 from scripts.bench import bodies, curves, load, report, watches  # noqa: E402
 from scripts.bench.proxies import ProcStat, ProxyProcess  # noqa: E402
-from scripts.bench.upstream import CLUSTER_NAME, NAMESPACE, Backends, WatchServer, gateway_env  # noqa: E402
+from scripts.bench.upstream import (  # noqa: E402
+    CLUSTER_NAME,
+    NAMESPACE,
+    Backends,
+    WatchServer,
+    gateway_env,
+)
 
 MODES = ("reverse", "regular")
 CONCURRENCY = (1, 10, 50)

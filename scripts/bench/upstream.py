@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.bench import bodies
-from tests.support.moto import MotoServer
-from tests.support.net import TestCA, free_port, stop, wait_for_port
+from testkit.moto import MotoServer
+from testkit.net import TestCA, free_port, stop, wait_for_port
 
 HERE = Path(__file__).resolve().parent
 NGINX_TEMPLATE = HERE / "nginx.conf.in"

@@ -1,0 +1,159 @@
+"""Policy files: YAML (ruamel.yaml) describing clusters and identity providers.
+
+A policy is one YAML file or a directory of them (`*.yaml`, `*.yml`, read in name order and merged
+section by section). Every mistake is reported as `file:line: field: what is wrong`, and unknown
+keys are mistakes too: a typo in a security policy must stop the gateway, not be ignored.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import MarkedYAMLError
+
+from jitgate.identity.oidc import IssuerConfig
+from jitgate.policy.clusters import Cluster, parse_cluster
+from jitgate.policy.document import Node, PolicyError, yaml_kind
+from jitgate.policy.identity_providers import parse_identity_provider
+from jitgate.policy.notifications import parse_notifications
+
+if TYPE_CHECKING:
+    from jitgate.access.rules import AccessRule
+    from jitgate.notify.webhooks import Webhook
+
+
+
+@dataclass(frozen=True)
+class Policy:
+    clusters: tuple[Cluster, ...]
+    identity_providers: tuple[IssuerConfig, ...]
+    sources: tuple[Path, ...]
+    by_endpoint: dict[tuple[str, int], Cluster] = field(repr=False)
+    by_name: dict[str, Cluster] = field(repr=False)
+    access_rules: tuple["AccessRule", ...] = ()
+    webhooks: tuple["Webhook", ...] = ()
+
+    def cluster_for(self, host: str, port: int) -> Cluster | None:
+        return self.by_endpoint.get((host.lower(), port))
+
+    def cluster_at(self, host: str, port: int) -> Cluster | None:
+        """The cluster whose connect address (or endpoint, without one) this is; they are unique."""
+        for cluster in self.clusters:
+            if cluster.connect_address == (host.lower(), port):
+                return cluster
+        return None
+
+    def by_endpoint_host(self, host: str) -> Cluster | None:
+        """Endpoint hosts are unique across clusters, so the upstream SNI names the cluster."""
+        for cluster in self.clusters:
+            if cluster.host == host:
+                return cluster
+        return None
+
+
+
+SECTIONS = ("clusters", "identity_providers", "access_rules", "notifications")
+
+
+def _read_file(path: Path) -> CommentedMap:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(path, None, "", f"cannot read: {e}") from None
+    try:
+        data = YAML(typ="rt", pure=True).load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise PolicyError(path, line, "", f"invalid YAML: {e.problem or e.context}") from None
+    except Exception as e:  # ruamel raises a few unmarked errors (duplicate keys, bad tags)
+        raise PolicyError(path, None, "", f"invalid YAML: {e}") from None
+    if data is None:
+        return CommentedMap()
+    if not isinstance(data, CommentedMap):
+        raise PolicyError(path, 1, "", f"the top level must be a mapping, got {yaml_kind(data)}")
+    return data
+
+
+def policy_files(path: Path | str) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not files:
+            raise PolicyError(path, None, "", "no *.yaml policy files in this folder")
+        return files
+    if not path.is_file():
+        raise PolicyError(path, None, "", "no such policy file or folder")
+    return [path]
+
+
+def load_policy(path: Path | str) -> Policy:
+    clusters: list[Cluster] = []
+    issuers: list[IssuerConfig] = []
+    by_endpoint: dict[tuple[str, int], Cluster] = {}
+    by_name: dict[str, Cluster] = {}
+    seen_issuers: dict[str, str] = {}
+    rule_nodes: list[Node] = []
+    webhooks: list = []
+    files = policy_files(path)
+    for file in files:
+        root = Node(_read_file(file), file, "")
+        # Rules may name clusters from any file: read them once every cluster is known.
+        rule_nodes.extend(root.children("access_rules"))
+        webhooks.extend(parse_notifications(root.child("notifications")))
+        for node in root.children("clusters"):
+            cluster = parse_cluster(node)
+            if cluster.name in by_name:
+                raise node.error("name", f"cluster {cluster.name!r} is already defined")
+            other = next((c for c in clusters if c.host == cluster.host), None)
+            if other is not None:
+                raise node.error("endpoint", f"endpoint host {cluster.host} is already used by cluster {other.name!r}")
+            other = next((c for c in clusters if c.connect_address == cluster.connect_address), None)
+            if other is not None:
+                raise node.error("connect" if cluster.connect else "endpoint",
+                                 f"address {':'.join(map(str, cluster.connect_address))} is already used by cluster {other.name!r}")
+            by_name[cluster.name] = by_endpoint[(cluster.host, cluster.port)] = cluster
+            clusters.append(cluster)
+        for node in root.children("identity_providers"):
+            issuer = parse_identity_provider(node)
+            where = f"{file}:{node.line()}"
+            if issuer.issuer_url in seen_issuers:
+                raise node.error("issuer", f"issuer {issuer.issuer_url!r} is already defined at {seen_issuers[issuer.issuer_url]}")
+            seen_issuers[issuer.issuer_url] = where
+            issuers.append(issuer)
+        for key in root.data:
+            if key not in SECTIONS:
+                raise root.error(key, f"unknown section {key!r} (known: {', '.join(SECTIONS)})")
+    if not clusters:
+        raise PolicyError(files[0], None, "clusters", "no cluster is defined in any policy file")
+    if not issuers:
+        raise PolicyError(files[0], None, "identity_providers", "no identity provider is defined in any policy file")
+    from jitgate.policy.access_rules import (
+        parse_access_rules,  # access imports this module's types
+    )
+
+    rules = parse_access_rules(rule_nodes, by_name)
+    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules, tuple(webhooks))
+
+
+_cache_lock = threading.Lock()
+_cache: dict[str, tuple[tuple, Policy]] = {}
+
+
+def load_policy_cached(path: Path | str) -> Policy:
+    """The same Policy object for unchanged files, so several addons share one parse."""
+    key = str(Path(path).resolve())
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in policy_files(path))
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit and hit[0] == stamp:
+            return hit[1]
+    policy = load_policy(path)
+    with _cache_lock:
+        _cache[key] = (stamp, policy)
+    return policy

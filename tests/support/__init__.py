@@ -1,1 +1,0 @@
-"""Helpers that start the real processes the tests talk to (stand-in cluster, OIDC provider, moto)."""
