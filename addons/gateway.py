@@ -25,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
-from jitgate.chain.flow import refuse  # noqa: E402
+from jitgate.access.service import AccessService  # noqa: E402
+from jitgate.chain.flow import publish, refuse  # noqa: E402
+from jitgate.chain.service_host import AccessServiceHost  # noqa: E402
 from jitgate.kube.status import status_body  # noqa: E402
 
 log = logging.getLogger("jitgate.gateway")
@@ -43,6 +45,8 @@ CHAIN = (
 
 # Hooks where a failing step must stop the call rather than let it through.
 REQUEST_HOOKS = {"http_connect", "requestheaders", "request"}
+# Hooks after which the call's plain record is put on the flow (for -w, mitmweb, HAR).
+PUBLISH_HOOKS = {"request", "responseheaders", "response", "error", "websocket_end"}
 
 
 def _load(name: str):
@@ -89,8 +93,12 @@ class Gateway:
     @staticmethod
     def _dispatcher(name: str, handlers: list):
         lifecycle = name in ("load", "configure", "running", "done")
+        publishes = name in PUBLISH_HOOKS
         if any(inspect.iscoroutinefunction(fn) for _, fn in handlers):
             async def dispatch(*args):
+                flow = args[0] if args and isinstance(args[0], http.HTTPFlow) else None
+                if flow is not None and not flow.live:
+                    return  # flows read back with -r: nothing is checked or sent again
                 for step, fn in handlers:
                     try:
                         result = fn(*args)
@@ -100,9 +108,14 @@ class Gateway:
                         if lifecycle:
                             raise  # e.g. OptionsError: the gateway must not start half-configured
                         _fail_closed(name, step, args)
-                        return
+                        break
+                if publishes and flow is not None:
+                    publish(flow)
         else:
             def dispatch(*args):
+                flow = args[0] if args and isinstance(args[0], http.HTTPFlow) else None
+                if flow is not None and not flow.live:
+                    return
                 for step, fn in handlers:
                     try:
                         fn(*args)
@@ -110,9 +123,26 @@ class Gateway:
                         if lifecycle:
                             raise
                         _fail_closed(name, step, args)
-                        return
+                        break
+                if publishes and flow is not None:
+                    publish(flow)
         dispatch.__name__ = name
         return dispatch
 
 
-addons = [Gateway([addon for name in CHAIN for addon in _load(name).addons])]
+def build_chain() -> list:
+    """The steps in CHAIN order; the access API and the grants step share one access service."""
+    modules = {name: _load(name) for name in CHAIN}
+    service = AccessService()
+    steps: list = []
+    for name in CHAIN:
+        if name == "access_api":
+            steps += [AccessServiceHost(service), modules[name].AccessAPIServer(service)]
+        elif name == "grants":
+            steps.append(modules[name].Grants(service))
+        else:
+            steps += modules[name].addons
+    return steps
+
+
+addons = [Gateway(build_chain())]

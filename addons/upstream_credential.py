@@ -123,6 +123,8 @@ class UpstreamCredential:
             refuse(flow, 503, f"jitgate: cannot obtain a credential for cluster {call.cluster.name}: {e}")
             return
         headers = flow.request.headers
+        # kube-apiserver takes Audit-ID as its own audit ID: the cluster's audit log and ours correlate.
+        headers["Audit-ID"] = call.audit_id
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
             call.credential_sent = True

@@ -377,6 +377,21 @@ def test_no_credential_in_logs_or_recordings(stack: Stack, alice_token: str, tmp
     assert b"k8s-aws-v1." not in written and b"Bearer" not in written
     assert eks_tokens
 
+    # The flow file is complete and mitmweb-readable: one flow per audited call, each carrying the
+    # plain per-call record (decision, identity, request attributes).
+    from mitmproxy import io as mitm_io
+
+    with flows.open("rb") as f:
+        recorded = list(mitm_io.FlowReader(f).stream())
+    records = [flow.metadata.get("jitgate") for flow in recorded]
+    assert recorded and all(isinstance(r, dict) for r in records)
+    assert {r["auditID"] for r in records} == {e["auditID"] for e in gateway.audit_events()}
+    execs = [r for r in records if r.get("request", {}).get("subresource") == "exec"]
+    assert len(execs) == 1 and execs[0]["decision"] == "allow"
+    assert execs[0]["user"]["username"].startswith("alice") and execs[0]["cluster"] == "dev"
+    assert execs[0]["request"]["command"] == ["echo", "hi"]
+    assert any(r.get("request", {}).get("resource") == "pods" and r["decision"] == "allow" for r in records)
+
 
 def test_audit_failure_fails_closed(stack: Stack, alice_token: str, tmp_path: Path) -> None:
     """/dev/full accepts the open and fails every write: no call may get through."""

@@ -13,8 +13,10 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
 from jitgate.access.model import Person
+from jitgate.access.service import AccessService
 from jitgate.access.scope import Scope
 from jitgate.chain.flow import call_of
+from jitgate.chain.service_host import AccessServiceHost
 from jitgate.identity.oidc import Identity
 from jitgate.kube.request_info import parse_request
 from jitgate.store.sqlite import SQLiteStore
@@ -71,9 +73,10 @@ def flow_for(addon, method: str, path: str):
 
 
 def test_refusal_discovery_grant_and_store_failure(policy: Path, tmp_path: Path) -> None:
-    addon = grants_module.Grants()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, policy=str(policy), grant_store=str(tmp_path / "grants.db"))
+    service = AccessService()
+    host, addon = AccessServiceHost(service), grants_module.Grants(service)
+    with taddons.context(host, addon) as tctx:
+        tctx.configure(host, policy=str(policy), grant_store=str(tmp_path / "grants.db"))
         miss = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
         assert miss.response.status_code == 403
         assert b"jitgate request --cluster dev --namespace dev --resource pods" in miss.response.content
@@ -82,18 +85,18 @@ def test_refusal_discovery_grant_and_store_failure(policy: Path, tmp_path: Path)
         assert discovery.response is None and call_of(discovery).decision == "allow"
 
         store = SQLiteStore(tmp_path / "grants.db")
-        rules = addon.rules
+        rules = service.rules
         request = store.create_request(rules, ALICE, Scope("dev", ("dev",), False, ("pods",), ("get", "list")), now=time.time())
         store.review(rules, request.id, BOB, "approve", "ok", now=time.time())
         store.close()
-        time.sleep(addon.CHANGE_CHECK_SECONDS)  # another process's change is seen within this
+        time.sleep(service.CHANGE_CHECK_SECONDS)  # another process's change is seen within this
         allowed = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
         assert allowed.response is None and call_of(allowed).grant is not None
         wider = flow_for(addon, "GET", "/api/v1/namespaces/prod/pods")
         assert wider.response.status_code == 403
 
-        addon.store.close()  # the store goes away under the gateway: fail closed
-        time.sleep(addon.CHANGE_CHECK_SECONDS)  # cached grants serve at most this long
+        service.store.close()  # the store goes away under the gateway: fail closed
+        time.sleep(service.CHANGE_CHECK_SECONDS)  # cached grants serve at most this long
         broken = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
         assert broken.response.status_code == 503
         assert b"grant store" in broken.response.content
@@ -102,8 +105,9 @@ def test_refusal_discovery_grant_and_store_failure(policy: Path, tmp_path: Path)
 def test_a_corrupt_store_stops_the_start(policy: Path, tmp_path: Path) -> None:
     corrupt = tmp_path / "grants.db"
     corrupt.write_bytes(b"this is not a database" * 100)
-    addon = grants_module.Grants()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, policy=str(policy), grant_store=str(tmp_path / "fine.db"))
+    service = AccessService()
+    host = AccessServiceHost(service)
+    with taddons.context(host, grants_module.Grants(service)) as tctx:
+        tctx.configure(host, policy=str(policy), grant_store=str(tmp_path / "fine.db"))
         with pytest.raises(exceptions.OptionsError, match="cannot open the grant store: .*not a database"):
-            tctx.configure(addon, grant_store=str(corrupt))
+            tctx.configure(host, grant_store=str(corrupt))

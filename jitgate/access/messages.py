@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from jitgate.access.authorize import scope_for_call
 from jitgate.access.errors import AccessError, InvalidRequest
-from jitgate.access.rules import AccessRule, ApprovalMode, choose_rule
+from jitgate.access.model import AccessRequest, Decision
+from jitgate.access.rules import AccessRule, ApprovalMode, choose_rule, rule_named
 from jitgate.access.scope import ResourceRef, Scope
 from jitgate.kube.request_info import RequestInfo
 from jitgate.timefmt import format_duration
@@ -63,3 +65,37 @@ def _describe_call(cluster: str, info: RequestInfo) -> str:
     resource = str(ResourceRef(info.resource, info.api_group, info.subresource))
     where = f"in namespace {info.namespace}" if info.namespace else "cluster-wide"
     return f"{info.verb or 'use'} {resource} {where} on cluster {cluster}"
+
+
+def approvals_required(rule: AccessRule | None) -> int | None:
+    """Distinct approvals that approve a request under `rule`; None when approvals never do
+    (mode auto without `required`, mode immediate) or the rule is gone."""
+    if rule is None or rule.approval.mode is ApprovalMode.IMMEDIATE:
+        return None
+    return rule.approval.required
+
+
+def notification_view(request: AccessRequest, rules: Sequence[AccessRule], state: str | None = None) -> dict[str, Any]:
+    """The flat request mapping `jitgate.notify.make_event` takes. For an approved request,
+    `expires_at` is when its grant ends; `state` overrides the request's (e.g. "revoked")."""
+    scope = request.scope
+    expires_at = request.grant.ends_at if request.grant is not None else request.expires_at
+    return {
+        "id": request.id,
+        "requester": request.requester,
+        "rule": request.rule,
+        "cluster": scope.cluster,
+        "namespaces": list(scope.namespaces),
+        "cluster_wide": scope.cluster_wide,
+        "resources": [str(r) for r in scope.resources],
+        "verbs": list(scope.verbs),
+        "duration_seconds": request.duration,
+        "reason": request.reason or None,
+        "state": state or str(request.state),
+        "approvals": [
+            {"reviewer": r.reviewer, "time": r.at, "reason": r.reason or None} for r in request.reviews if r.decision is Decision.APPROVE
+        ],
+        "required": approvals_required(rule_named(rules, request.rule)),
+        "created_at": request.created_at,
+        "expires_at": expires_at,
+    }

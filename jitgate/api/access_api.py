@@ -26,8 +26,9 @@ from typing import Any, NoReturn, Protocol
 from urllib.parse import parse_qsl
 
 from jitgate.access.errors import AccessError, NotFound
+from jitgate.access.messages import approvals_required, notification_view
 from jitgate.access.model import AccessRequest, Decision, Grant, Principal, RequestState
-from jitgate.access.rules import AccessRule, ApprovalMode, rule_named, rules_for
+from jitgate.access.rules import AccessRule, rule_named, rules_for
 from jitgate.access.scope import Scope
 from jitgate.kube.status import REASONS, status
 from jitgate.store.sqlite import Store, StoreError
@@ -349,14 +350,6 @@ def may_see(who: Principal, owner: str, rule_name: str, rules: Sequence[AccessRu
     return rule is not None and rule.is_reviewer(who.groups)
 
 
-def approvals_required(rule: AccessRule | None) -> int | None:
-    """Distinct approvals that approve a request under `rule`; None when approvals never do
-    (mode auto without `required`, mode immediate) or the rule is gone."""
-    if rule is None or rule.approval.mode is ApprovalMode.IMMEDIATE:
-        return None
-    return rule.approval.required
-
-
 def request_view(request: AccessRequest, rules: Sequence[AccessRule]) -> dict[str, Any]:
     """`AccessRequest.to_dict()` plus how its rule decides now (for "APPROVALS 1/2")."""
     rule = rule_named(rules, request.rule)
@@ -370,32 +363,6 @@ def grant_view(grant: Grant, now: float) -> dict[str, Any]:
     data = grant.to_dict()
     data["active"] = grant.is_active(now)  # a grant past its end is "active" until the sweep marks it
     return data
-
-
-def notification_view(request: AccessRequest, rules: Sequence[AccessRule], state: str | None = None) -> dict[str, Any]:
-    """The flat request mapping `jitgate.notify.make_event` takes. For an approved request,
-    `expires_at` is when its grant ends; `state` overrides the request's (e.g. "revoked")."""
-    scope = request.scope
-    expires_at = request.grant.ends_at if request.grant is not None else request.expires_at
-    return {
-        "id": request.id,
-        "requester": request.requester,
-        "rule": request.rule,
-        "cluster": scope.cluster,
-        "namespaces": list(scope.namespaces),
-        "cluster_wide": scope.cluster_wide,
-        "resources": [str(r) for r in scope.resources],
-        "verbs": list(scope.verbs),
-        "duration_seconds": request.duration,
-        "reason": request.reason or None,
-        "state": state or str(request.state),
-        "approvals": [
-            {"reviewer": r.reviewer, "time": r.at, "reason": r.reason or None} for r in request.reviews if r.decision is Decision.APPROVE
-        ],
-        "required": approvals_required(rule_named(rules, request.rule)),
-        "created_at": request.created_at,
-        "expires_at": expires_at,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """What the gateway knows about one API call, shared by every step of the chain.
 
-Each addon adds its finding (cluster, identity, request attributes, decision) to one `Call` kept on
-`flow.metadata`, so a later step sees an earlier one's decision: audit records denials too.
+Each step adds its finding (cluster, identity, request attributes, decision) to one `Call`, so a
+later step sees an earlier one's decision: audit records denials too. The `Call` holds live policy
+objects and stays with the gateway (jitgate.chain.flow keeps it beside the flow); what goes on
+`flow.metadata["jitgate"]` is `Call.record()`, plain JSON-able values only, so flow files written
+with `-w` keep it and mitmweb shows it on each flow.
 """
 
 from __future__ import annotations
@@ -47,3 +50,33 @@ class Call:
         if self.decision != DENY:  # an allow never overrides an earlier deny
             self.decision = ALLOW
             self.reason = reason
+
+    def record(self) -> dict:
+        """The plain per-call record: what mitmweb users see on a flow and recordings keep."""
+        record: dict = {"auditID": self.audit_id, "decision": self.decision or "none"}
+        if self.reason:
+            record["reason"] = self.reason
+        if self.cluster is not None:
+            record["cluster"] = self.cluster.name
+        if self.identity is not None:
+            record["user"] = {"username": self.identity.username, "groups": list(self.identity.groups)}
+        info = self.info
+        if info is not None:
+            request = {"verb": info.verb, "path": info.path}
+            for key, value in (("apiGroup", info.api_group), ("apiVersion", info.api_version),
+                               ("namespace", info.namespace), ("resource", info.resource),
+                               ("subresource", info.subresource), ("name", info.name)):
+                if value:
+                    request[key] = value
+            if info.exec is not None and info.exec.command:
+                request["command"] = list(info.exec.command)
+            record["request"] = request
+        if self.grant is not None:
+            record["grant"] = self.grant.id
+            record["accessRequest"] = self.grant.request_id
+            record["rule"] = self.grant.rule
+        if self.long_running:
+            record["longRunning"] = True
+        if self.annotations:
+            record["annotations"] = dict(self.annotations)
+        return record

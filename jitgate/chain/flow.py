@@ -6,6 +6,8 @@ in the plain modules.
 
 from __future__ import annotations
 
+import weakref
+
 from mitmproxy import ctx, exceptions, http
 
 from jitgate.chain.call import Call
@@ -21,30 +23,34 @@ POLICY_HELP = (
 )
 
 
+# The live Call of each flow, beside it and never on it: flow.metadata is serialised by `-w`, by
+# mitmweb and by flow copies, and must only hold plain values (see `publish`).
+_calls: weakref.WeakKeyDictionary[http.HTTPFlow, Call] = weakref.WeakKeyDictionary()
+
+
 def call_of(flow: http.HTTPFlow) -> Call:
-    call = flow.metadata.get(METADATA_KEY)
+    call = _calls.get(flow)
     if call is None:
-        call = flow.metadata[METADATA_KEY] = Call()
+        call = _calls[flow] = Call()
     return call
+
+
+def publish(flow: http.HTTPFlow) -> None:
+    """Put the call's plain record on the flow, where `-w`, mitmweb and the HAR exporter see it."""
+    call = _calls.get(flow)
+    if call is not None:
+        flow.metadata[METADATA_KEY] = call.record()
 
 
 def refuse(flow: http.HTTPFlow, code: int, message: str, reason: str | None = None) -> None:
     """Answer the client with a metav1.Status and record the denial for the steps after this one."""
     call_of(flow).deny(message)
+    publish(flow)
     flow.response = http.Response.make(
         code,
         status_body(code, message, reason),
         {"Content-Type": "application/json", "Cache-Control": "no-store"},
     )
-
-
-def find_addon(name: str):
-    """A jitgate step by addon name, whether loaded alone (`-s addons/grants.py`) or inside the
-    gateway's dispatcher (addons/gateway.py)."""
-    addon = ctx.master.addons.get(name)
-    if addon is None and (gateway := ctx.master.addons.get("gateway")) is not None:
-        addon = gateway.step(name)
-    return addon
 
 
 def declare_policy_option(loader) -> None:
