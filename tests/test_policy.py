@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def test_folder_merges_files_in_name_order(files: Path) -> None:
         (("          token_file: token", "          token_file: token\n          client_cert: {cert_file: client.pem, key_file: client-key.pem}"),
          16, "clusters[1].credential", "exactly one of"),
         (("role_arn: arn:aws:iam::123456789012:role/jitgate-dev", "role_arn: 42"), 10, "clusters[0].credential.eks.role_arn", "expected a string"),
+        (("required_claims: {hd: example.com}", "required_claims: [hd]"), 27, "identity_providers[0].required_claims",
+         "expected a mapping, got a list"),
     ],
 )
 def test_mistakes_name_file_line_and_field(files: Path, mutation: tuple[str, str], line: int, field: str, message: str) -> None:
@@ -227,3 +230,91 @@ def test_access_rule_errors_are_located(files: Path) -> None:
         load_policy(path)
     line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "clusters: [nope]" in l)
     assert err.value.line == line and "access_rules[0].clusters" in str(err.value) and "nope" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema, declared once: the JSON Schema for editors and README's reference come from it
+
+
+SCHEMA_FILE = REPO / "docs/policy.schema.json"
+EXAMPLES = (REPO / "policies/demo.yaml", REPO / "policies/examples/eks.yaml")
+
+
+def test_every_field_is_explained() -> None:
+    from jitgate.policy.loader import POLICY
+
+    for path, section in POLICY.sections():
+        assert section.help.strip(), path
+        for f in section.fields:
+            assert f.help.strip().endswith((".", "?")), f"{path}.{f.key}: help text missing or unfinished"
+
+
+def test_committed_json_schema_is_the_generated_one() -> None:
+    from jitgate.policy.loader import policy_json_schema
+
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == policy_json_schema(), \
+        "docs/policy.schema.json is stale: run `jitgate policy schema -o docs/policy.schema.json`"
+
+
+def test_readme_reference_is_the_generated_one() -> None:
+    from jitgate.policy.loader import policy_reference
+
+    begin, end = "<!-- policy-reference:begin -->", "<!-- policy-reference:end -->"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert begin in readme and end in readme, f"README.md has no {begin} ... {end} block"
+    committed = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert committed.strip("\n") == policy_reference().strip("\n"), \
+        "README's policy reference is stale: paste `jitgate policy schema --markdown` between its markers"
+
+
+def test_policy_schema_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jitgate.policy.loader import policy_reference
+
+    out = tmp_path / "schema.json"
+    assert cli_main(["policy", "schema", "-o", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == SCHEMA_FILE.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert cli_main(["policy", "schema", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert text == policy_reference()
+    assert "| `ca_file` | file path | required | CA that verifies the cluster's serving certificate" in text
+    assert "#### `access_rules[].approval`" in text
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_name_the_schema_for_editors(example: Path) -> None:
+    first = example.read_text(encoding="utf-8").splitlines()[0]
+    prefix = "# yaml-language-server: $schema="
+    assert first.startswith(prefix)
+    assert (example.parent / first.removeprefix(prefix)).resolve() == SCHEMA_FILE
+
+
+def test_policies_match_the_json_schema(files: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from ruamel.yaml import YAML
+
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+
+    def errors(text: str) -> list[str]:
+        return [e.message for e in validator.iter_errors(YAML(typ="safe", pure=True).load(text))]
+
+    for example in EXAMPLES:
+        assert errors(example.read_text(encoding="utf-8")) == [], example
+    good = textwrap.dedent(GOOD + RULES)
+    assert errors(good) == []
+    # What the loader refuses for its shape, the schema refuses too.
+    for old, new in [
+        ("impersonate: true", "imperonate: true"),
+        ("impersonate: true", "impersonate: yes please"),
+        ("region: eu-west-1", "regoin: eu-west-1"),
+        ("token_file: token", "token_file: token\n      client_cert: {cert_file: a, key_file: b}"),
+        ("client_ids: [jitgate]", "client_ids: []"),
+        ("mode: reviewers", "mode: vote"),
+        ("verbs: [get, list, watch]", "verbs: [get, exec]"),
+        ("max: 4h", "max: 4 hours"),
+        ("required: 2", "required: 0"),
+    ]:
+        assert old in good
+        assert errors(good.replace(old, new, 1)), (old, new)

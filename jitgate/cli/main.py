@@ -67,6 +67,18 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    from jitgate.policy.loader import policy_json_schema, policy_reference
+
+    text = policy_reference() if args.markdown else policy_json_schema()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_kubeconfig(args: argparse.Namespace) -> int:
     from jitgate.cli import kubeconfig
 
@@ -476,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy.add_parser("check", help="validate policy files without starting anything")
     check.add_argument("paths", nargs="+", help="policy files or folders")
     check.set_defaults(func=cmd_policy_check)
+    schema = policy.add_parser("schema", help="print the policy file's JSON Schema (for editors) or its reference tables")
+    schema.add_argument("--markdown", action="store_true", help="the README's reference tables instead of the JSON Schema")
+    schema.add_argument("-o", "--output", default="-", help="file to write, or - for standard output (default)")
+    schema.set_defaults(func=cmd_policy_schema)
 
     kc = sub.add_parser("kubeconfig", help="write a kubeconfig that reaches a cluster through the gateway")
     kc.add_argument("--policy", default="policies", help="policy file or folder (default: policies)")

@@ -11,21 +11,88 @@ from jitgate.access.scope import (
     MAX_GRANT_DURATION,
     NAMESPACE_PATTERN,
     RULE_NAME,
-    VERB_ORDER,
+    SENSITIVE_RESOURCES,
+    SENSITIVE_SUBRESOURCES,
     VERBS,
     ResourceRef,
     expand_verbs,
 )
-from jitgate.timefmt import format_duration, parse_duration
+from jitgate.policy.schema import Bool, Duration, Field, Int, OneOf, Section, Str, Strings, Values, dataclass_default
+from jitgate.timefmt import format_duration
 
-if TYPE_CHECKING:  # jitgate.policy imports this module to parse its `access_rules` section
+if TYPE_CHECKING:
     from jitgate.policy.clusters import Cluster
-    from jitgate.policy.document import Node, PolicyError
-
+    from jitgate.policy.document import Node
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing the `access_rules` policy section
+# The `access_rules:` section
+
+
+def _rule_name(name: str) -> str:
+    if not RULE_NAME.fullmatch(name):
+        raise ValueError(f"invalid rule name {name!r}: use lower-case letters, digits, '-', '.' and '_'")
+    return name
+
+
+def _namespace(ns: str) -> str:
+    if not (DNS_LABEL.fullmatch(ns) if not is_pattern(ns) else NAMESPACE_PATTERN.fullmatch(ns)):
+        raise ValueError(f"invalid namespace {ns!r}: a DNS label, or a glob pattern like team-*")
+    return ns
+
+
+_NEVER_IN_ANY = ", ".join(f"`{r}`" for r in sorted(SENSITIVE_RESOURCES)) + ", " + ", ".join(
+    f"`{r}/{s}`" for r, s in sorted(SENSITIVE_SUBRESOURCES))
+
+DURATION = Section("grant_duration", "Grant lengths: the default and the longest a request may ask for.", (
+    Field("default", Duration(), "Length of a grant whose request names none.", shown_default="`max`"),
+    Field("max", Duration(), f"Longest grant (at most {format_duration(MAX_GRANT_DURATION)}).", required=True),
+))
+
+APPROVAL = Section("approval", "Who decides a request, and how.", (
+    Field("mode", Str(choices=tuple(m.value for m in ApprovalMode), noun="approval mode"),
+          "`reviewers`: `required` distinct reviewers approve; `auto`: approved after `auto_approve_after` unless a "
+          "reviewer denies first; `immediate`: approved at once (never for secrets or exec-like access).", required=True),
+    Field("reviewers", Strings(), "Groups whose members may approve, deny and revoke (never their own request); "
+          "any reviewer's deny wins.", default=()),
+    Field("required", Int(minimum=1), "Distinct approvals that approve (modes reviewers and auto; in mode auto, "
+          "approvals may release a request before the delay ends).", shown_default="`1` in mode reviewers"),
+    Field("auto_approve_after", Duration(), "Mode auto: approved after this delay unless denied first; shorter "
+          "than `request_ttl`."),
+))
+
+HOLD = Section("hold", "Hold the call of an unattended caller (an agent) without a grant while a human decides.", (
+    Field("max_wait", Duration(), "How long a held call waits for the decision; at most `request_ttl`.", required=True),
+))
+
+ACCESS_RULE = Section(
+    "access_rule",
+    "Who may ask for what, for how long, and who decides. Nobody has standing access: every call needs an "
+    "active grant, and grants come only from requests a rule allows.",
+    (
+        Field("name", Str(), "Unique name (lower-case letters, digits, `-`, `.`, `_`); shown in requests and refusals.",
+              required=True, check=_rule_name),
+        Field("description", Str(empty=True), "What the rule is for, shown to people who may request it.",
+              default=dataclass_default(AccessRule, "description")),
+        Field("requesters", Strings(), "Groups whose members may ask; anyone else gets nothing.", required=True),
+        Field("clusters", Strings(), "Cluster names, or `*` for every cluster.", required=True),
+        Field("namespaces", Strings(each=_namespace), "Namespaces a request may name: names, or glob patterns "
+              "like `team-*` (`*` for any).", default=()),
+        Field("cluster_wide", Bool(), "May requests cover all namespaces and cluster-scoped resources?", default=False),
+        Field("resources", Strings(each=ResourceRef.parse), "`resource[.group][/subresource]`, or `*` for any "
+              f"resource except {_NEVER_IN_ANY}, which must be named.", required=True),
+        Field("verbs", Strings(choices=(*VERBS, "*"), noun="verb"), "Kubernetes verbs, or `*` for all; exec is "
+              "`create` on `pods/exec`.", required=True),
+        Field("duration", OneOf((Duration(), DURATION)), "Grant length: one duration (default and maximum), or "
+              "`{default, max}`. The clock starts at approval; a grant never outlives `max`.", required=True),
+        Field("upstream_role", Str(), "A role named in the clusters' eks `roles:`; default: the cluster's `role_arn`."),
+        Field("require_reason", Bool(), "Requests must say why.", default=dataclass_default(AccessRule, "require_reason")),
+        Field("request_ttl", Duration(), "Undecided requests expire after this.",
+              default=dataclass_default(AccessRule, "request_ttl")),
+        Field("approval", APPROVAL, "Who decides.", required=True),
+        Field("hold", HOLD, "Hold an unattended caller's call while a human decides."),
+    ),
+)
 
 
 def parse_access_rules(nodes: Iterable[Node], clusters: Mapping[str, Cluster]) -> tuple[AccessRule, ...]:
@@ -33,7 +100,7 @@ def parse_access_rules(nodes: Iterable[Node], clusters: Mapping[str, Cluster]) -
     rules: list[AccessRule] = []
     seen: dict[str, str] = {}
     for node in nodes:
-        rule = _parse_rule(node, clusters)
+        rule = _parse_rule(ACCESS_RULE.read_node(node), clusters)
         if rule.name in seen:
             raise node.error("name", f"access rule {rule.name!r} is already defined at {seen[rule.name]}")
         seen[rule.name] = rule.source
@@ -41,44 +108,21 @@ def parse_access_rules(nodes: Iterable[Node], clusters: Mapping[str, Cluster]) -
     return tuple(rules)
 
 
-def _parse_rule(node: Node, clusters: Mapping[str, Cluster]) -> AccessRule:
-    name = node.string("name", required=True)
-    if not RULE_NAME.fullmatch(name):
-        raise node.error("name", f"invalid rule name {name!r}: use lower-case letters, digits, '-', '.' and '_'")
-    description = node.get("description", str, default="")
-    requesters = node.strings("requesters", required=True)
-
-    rule_clusters = node.strings("clusters", required=True)
+def _parse_rule(v: Values, clusters: Mapping[str, Cluster]) -> AccessRule:
+    node = v.node
+    rule_clusters = v["clusters"]
     for i, cluster in enumerate(rule_clusters):
         if cluster == "*":
             if len(rule_clusters) > 1:
-                raise _item_error(node, "clusters", i, "'*' already means every cluster; list nothing else")
+                raise node.item_error("clusters", i, "'*' already means every cluster; list nothing else")
         elif cluster not in clusters:
             known = ", ".join(clusters) or "none"
-            raise _item_error(node, "clusters", i, f"unknown cluster {cluster!r} (defined: {known})")
-
-    namespaces = node.strings("namespaces")
-    for i, ns in enumerate(namespaces):
-        if not (DNS_LABEL.fullmatch(ns) if not is_pattern(ns) else NAMESPACE_PATTERN.fullmatch(ns)):
-            raise _item_error(node, "namespaces", i, f"invalid namespace {ns!r}: a DNS label, or a glob pattern like team-*")
-    cluster_wide = node.get("cluster_wide", bool, default=False)
-    if not namespaces and not cluster_wide:
+            raise node.item_error("clusters", i, f"unknown cluster {cluster!r} (defined: {known})")
+    if not v["namespaces"] and not v["cluster_wide"]:
         raise node.error(None, "an access rule needs 'namespaces', or 'cluster_wide: true', or both")
 
-    resources: list[ResourceRef] = []
-    for i, text in enumerate(node.strings("resources", required=True)):
-        try:
-            resources.append(ResourceRef.parse(text))
-        except ValueError as e:
-            raise _item_error(node, "resources", i, str(e)) from None
-    verb_texts = node.strings("verbs", required=True)
-    for i, verb in enumerate(verb_texts):
-        if verb != "*" and verb not in VERB_ORDER:
-            raise _item_error(node, "verbs", i, f"unknown verb {verb!r} (known: {', '.join(VERBS)}, or * for all)")
-    verbs = expand_verbs(verb_texts)
-
-    duration_default, duration_max = _parse_durations(node)
-    upstream_role = node.string("upstream_role")
+    duration_default, duration_max = _durations(v)
+    upstream_role = v["upstream_role"]
     if upstream_role is not None:
         named = clusters.keys() if "*" in rule_clusters else rule_clusters
         for cluster_name in named:
@@ -86,79 +130,65 @@ def _parse_rule(node: Node, clusters: Mapping[str, Cluster]) -> AccessRule:
             if upstream_role not in roles:
                 known = ", ".join(sorted(roles)) or "none: upstream roles need an eks credential with `roles:`"
                 raise node.error("upstream_role", f"cluster {cluster_name!r} has no upstream role {upstream_role!r} (known: {known})")
-    require_reason = node.get("require_reason", bool, default=False)
-    request_ttl = _duration_field(node, "request_ttl", default=3600)
-    approval = _parse_approval(node, resources, request_ttl)
+    request_ttl = v["request_ttl"]
+    approval = _approval(v["approval"], v["resources"], request_ttl)
 
     hold = None
-    hold_node = node.child("hold")
-    if hold_node is not None:
-        max_wait = _duration_field(hold_node, "max_wait", required=True)
+    if v["hold"] is not None:
+        h = v["hold"]
+        max_wait = h["max_wait"]
         if max_wait > request_ttl:
-            raise hold_node.error("max_wait", f"{format_duration(max_wait)} is longer than the request_ttl {format_duration(request_ttl)}")
+            raise h.error("max_wait", f"{format_duration(max_wait)} is longer than the request_ttl {format_duration(request_ttl)}")
         a = approval
         if a.mode is ApprovalMode.AUTO and a.required is None and a.auto_approve_after > max_wait:
-            raise hold_node.error(
+            raise h.error(
                 "max_wait",
                 f"a held call waits at most {format_duration(max_wait)} but this rule auto-approves only after "
                 f"{format_duration(a.auto_approve_after)}, so a held call could never be let through",
             )
         hold = Hold(max_wait)
-        hold_node.finish()
 
-    node.finish()
     return AccessRule(
-        name=name,
-        requesters=requesters,
+        name=v["name"],
+        requesters=v["requesters"],
         clusters=rule_clusters,
-        namespaces=namespaces,
-        cluster_wide=cluster_wide,
-        resources=tuple(resources),
-        verbs=verbs,
+        namespaces=v["namespaces"],
+        cluster_wide=v["cluster_wide"],
+        resources=v["resources"],
+        verbs=expand_verbs(v["verbs"]),
         duration_default=duration_default,
         duration_max=duration_max,
         approval=approval,
         request_ttl=request_ttl,
-        require_reason=require_reason,
+        require_reason=v["require_reason"],
         upstream_role=upstream_role,
         hold=hold,
-        description=description,
+        description=v["description"],
         source=f"{node.file}:{node.line()}",
     )
 
 
-def _parse_durations(node: Node) -> tuple[int, int]:
+def _durations(v: Values) -> tuple[int, int]:
     """`duration: 1h` (default and maximum) or `duration: {default: 1h, max: 4h}`."""
-    value = node.get("duration", (str, dict), required=True)
-    if isinstance(value, str):
-        default = maximum = _duration_field(node, "duration", required=True)
-        where, key = node, "duration"
+    duration = v["duration"]
+    if isinstance(duration, int):
+        default = maximum = duration
+        where, key = v, "duration"
     else:
-        where, key = node.child("duration", required=True), "max"
-        maximum = _duration_field(where, "max", required=True)
-        default = _duration_field(where, "default", default=maximum)
+        where, key = duration, "max"
+        maximum = duration["max"]
+        default = duration["default"] or maximum
         if default > maximum:
             raise where.error("default", f"the default {format_duration(default)} is longer than the max {format_duration(maximum)}")
-        where.finish()
     if maximum > MAX_GRANT_DURATION:
         longest = format_duration(MAX_GRANT_DURATION)
         raise where.error(key, f"{format_duration(maximum)} is longer than {longest}: grants are just-in-time, not standing access")
     return default, maximum
 
 
-def _parse_approval(node: Node, resources: Sequence[ResourceRef], request_ttl: int) -> Approval:
-    a = node.child("approval", required=True)
-    mode_text = a.string("mode", required=True)
-    try:
-        mode = ApprovalMode(mode_text)
-    except ValueError:
-        raise a.error("mode", f"unknown approval mode {mode_text!r} (known: reviewers, auto, immediate)") from None
-    reviewers = a.strings("reviewers")
-    required = a.get("required", int)
-    if required is not None and required < 1:
-        raise a.error("required", "must be at least 1")
-    auto_after = _duration_field(a, "auto_approve_after")
-
+def _approval(a: Values, resources: Sequence[ResourceRef], request_ttl: int) -> Approval:
+    mode = ApprovalMode(a["mode"])
+    reviewers, required, auto_after = a["reviewers"], a["required"], a["auto_approve_after"]
     if mode is ApprovalMode.REVIEWERS:
         if not reviewers:
             raise a.error(None, "mode reviewers needs 'reviewers' (the groups that may approve)")
@@ -187,29 +217,4 @@ def _parse_approval(node: Node, resources: Sequence[ResourceRef], request_ttl: i
             raise a.error(
                 "mode", f"mode immediate cannot grant {', '.join(sensitive)}: use mode reviewers or auto for secrets and exec-like access"
             )
-    a.finish()
     return Approval(mode, reviewers, required, auto_after)
-
-
-def _duration_field(node: Node, key: str, required: bool = False, default: int | None = None) -> int | None:
-    text = node.get(key, str, required)
-    if text is None:
-        return default
-    try:
-        seconds = parse_duration(text)
-    except ValueError as e:
-        raise node.error(key, str(e)) from None
-    if seconds <= 0:
-        raise node.error(key, "must be longer than 0s")
-    return seconds
-
-
-def _item_error(node: Node, key: str, index: int, message: str) -> PolicyError:
-    from jitgate.policy.document import PolicyError
-
-    seq = node.data.get(key)
-    lc = getattr(seq, "lc", None)
-    line = lc.item(index)[0] + 1 if isinstance(seq, list) and lc is not None else node.line(key)
-    return PolicyError(node.file, line, f"{node.field(key)}[{index}]", message)
-
-

@@ -73,7 +73,7 @@ class Node:
         items = [value] if isinstance(value, str) else list(value)
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item.strip():
-                raise PolicyError(self.file, self._item_line(key, i), f"{self.field(key)}[{i}]", "expected a non-empty string")
+                raise self.item_error(key, i, "expected a non-empty string")
         if required and not items:
             raise self.error(key, "must list at least one value")
         return tuple(items)
@@ -86,7 +86,7 @@ class Node:
         value = self.get(key, list, default=[])
         for i, item in enumerate(value):
             if not isinstance(item, dict):
-                raise PolicyError(self.file, self._item_line(key, i), f"{self.field(key)}[{i}]", f"expected a mapping, got {yaml_kind(item)}")
+                raise self.item_error(key, i, f"expected a mapping, got {yaml_kind(item)}")
             yield Node(item, self.file, f"{self.field(key)}[{i}]")
 
     def path_value(self, key: str, required: bool = False) -> Path | None:
@@ -114,6 +114,10 @@ class Node:
             if key not in self._read:
                 raise self.error(key, f"unknown field {key!r}")
 
+    def item_error(self, key: str, index: int, message: str) -> PolicyError:
+        """An error about one item of a list, at that item's line: `field[index]`."""
+        return PolicyError(self.file, self._item_line(key, index), f"{self.field(key)}[{index}]", message)
+
     def _item_line(self, key: str, index: int) -> int | None:
         seq = self.data.get(key)
         if isinstance(seq, CommentedSeq):
@@ -133,6 +137,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def yaml_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    return _kind_name(type(value)) if type(value) in (str, int, float, list, dict) else type(value).__name__
+    # ruamel's round-trip loader gives CommentedSeq/CommentedMap: name them as YAML does.
+    kind = next((k for k in (str, int, float, list, dict) if isinstance(value, k)), None)
+    return _kind_name(kind) if kind is not None else type(value).__name__
 
 

@@ -4,34 +4,47 @@ from __future__ import annotations
 
 from jitgate.identity.oidc import IssuerConfig
 from jitgate.policy.document import Node
+from jitgate.policy.schema import Field, FilePath, Map, Section, Str, Strings, dataclass_default
+
+
+def _default(name: str):
+    return dataclass_default(IssuerConfig, name)
+
+
+IDENTITY_PROVIDER = Section(
+    "identity_provider",
+    "An OIDC issuer whose ID tokens the gateway accepts; claims map to a username and groups as "
+    "kube-apiserver's `--oidc-*` flags do.",
+    (
+        Field("issuer", Str(), "Issuer URL (`https://`), exactly as in the tokens' `iss`; unique.", required=True),
+        Field("client_ids", Strings(), "Accepted audiences (the tokens' `aud`).", required=True),
+        Field("username_claim", Str(), "Claim that holds the username.", default=_default("username_claim")),
+        Field("username_prefix", Str(empty=True), "Prefix of usernames; `-` for none.",
+              shown_default="`<issuer>#`, none for `email`"),
+        Field("groups_claim", Str(), "Claim that holds the groups.", default=_default("groups_claim")),
+        Field("groups_prefix", Str(empty=True), "Prefix of every group, e.g. `oidc:`.", default=_default("groups_prefix")),
+        Field("algorithms", Strings(), "Accepted signature algorithms; asymmetric only (HS* and none are refused).",
+              default=_default("algorithms")),
+        Field("required_claims", Map(Str()), "Claims a token must carry, with exactly these string values."),
+        Field("ca_file", FilePath(), "CA that verifies the issuer's TLS certificate; default: the system's."),
+        Field("discovery_url", Str(), "Discovery document URL; default: `<issuer>/.well-known/openid-configuration`."),
+    ),
+)
 
 
 def parse_identity_provider(node: Node) -> IssuerConfig:
-    required = node.child("required_claims")
-    required_claims: dict[str, str] = {}
-    if required is not None:
-        for key in list(required.data):
-            required_claims[str(key)] = required.string(key, required=True)
-        required.finish()
-    ca_file = node.path_value("ca_file")
-    algorithms = node.strings("algorithms")
-    username_prefix = node.get("username_prefix", str)
-    config = node.check(
+    v = IDENTITY_PROVIDER.read_node(node)
+    return node.check(
         lambda: IssuerConfig(
-            issuer_url=node.string("issuer", required=True),
-            audiences=node.strings("client_ids", required=True),
-            username_claim=node.string("username_claim", default="sub"),
-            username_prefix=username_prefix,
-            groups_claim=node.string("groups_claim", default="groups"),
-            groups_prefix=node.get("groups_prefix", str, default=""),
-            required_claims=required_claims,
-            algorithms=algorithms or ("RS256",),
-            ca_file=str(ca_file) if ca_file else None,
-            discovery_url=node.string("discovery_url"),
+            issuer_url=v["issuer"],
+            audiences=v["client_ids"],
+            username_claim=v["username_claim"],
+            username_prefix=v["username_prefix"],
+            groups_claim=v["groups_claim"],
+            groups_prefix=v["groups_prefix"],
+            required_claims=dict(v["required_claims"] or {}),
+            algorithms=v["algorithms"],
+            ca_file=str(v["ca_file"]) if v["ca_file"] else None,
+            discovery_url=v["discovery_url"],
         )
     )
-    node.finish()
-    return config
-
-
-

@@ -1,8 +1,11 @@
-"""Policy files: YAML (ruamel.yaml) describing clusters and identity providers.
+"""Policy files: YAML (ruamel.yaml) describing clusters, identity providers, access rules and notifications.
 
 A policy is one YAML file or a directory of them (`*.yaml`, `*.yml`, read in name order and merged
 section by section). Every mistake is reported as `file:line: field: what is wrong`, and unknown
 keys are mistakes too: a typo in a security policy must stop the gateway, not be ignored.
+
+Each section's shape is declared once, beside its parser (`jitgate.policy.schema`); `POLICY` puts
+them together, and the JSON Schema for editors and the README's reference tables come from it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError
 
 from jitgate.identity.oidc import IssuerConfig
-from jitgate.policy.clusters import Cluster, parse_cluster
+from jitgate.policy.access_rules import ACCESS_RULE, parse_access_rules
+from jitgate.policy.clusters import CLUSTER, Cluster, parse_cluster
 from jitgate.policy.document import Node, PolicyError, yaml_kind
-from jitgate.policy.identity_providers import parse_identity_provider
-from jitgate.policy.notifications import parse_notifications
+from jitgate.policy.identity_providers import IDENTITY_PROVIDER, parse_identity_provider
+from jitgate.policy.notifications import NOTIFICATIONS, parse_notifications
+from jitgate.policy.schema import Field, ListOf, Section, json_schema_text, markdown_reference
 
 if TYPE_CHECKING:
     from jitgate.access.rules import AccessRule
@@ -57,7 +62,30 @@ class Policy:
 
 
 
-SECTIONS = ("clusters", "identity_providers", "access_rules", "notifications")
+# The top level of a policy file. A policy may be split across files, so no section is required
+# in any one file; the loader checks that some file defines clusters and identity providers.
+POLICY = Section(
+    "policy",
+    "A jitgate policy file. A policy is one file or a folder of `*.yaml`/`*.yml` files read in name order and "
+    "merged section by section; relative paths are relative to the file that names them.",
+    (
+        Field("clusters", ListOf(CLUSTER), "Clusters behind the gateway."),
+        Field("identity_providers", ListOf(IDENTITY_PROVIDER), "OIDC issuers whose ID tokens the gateway accepts."),
+        Field("access_rules", ListOf(ACCESS_RULE), "What may be requested, by whom, for how long, and who decides."),
+        Field("notifications", NOTIFICATIONS, "Webhooks told about access requests and decisions."),
+    ),
+)
+SECTIONS = POLICY.keys
+
+
+def policy_json_schema() -> str:
+    """The JSON Schema of a policy file, as committed in docs/policy.schema.json."""
+    return json_schema_text(POLICY, "jitgate policy")
+
+
+def policy_reference() -> str:
+    """The README's reference tables of every section."""
+    return markdown_reference(POLICY)
 
 
 def _read_file(path: Path) -> CommentedMap:
@@ -133,10 +161,6 @@ def load_policy(path: Path | str) -> Policy:
         raise PolicyError(files[0], None, "clusters", "no cluster is defined in any policy file")
     if not issuers:
         raise PolicyError(files[0], None, "identity_providers", "no identity provider is defined in any policy file")
-    from jitgate.policy.access_rules import (
-        parse_access_rules,  # access imports this module's types
-    )
-
     rules = parse_access_rules(rule_nodes, by_name)
     return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules, tuple(webhooks))
 
