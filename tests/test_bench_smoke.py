@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -67,8 +68,36 @@ def test_profile_summary_groups_addon_code_and_dispatch() -> None:
     assert summary["top_self"][0] == ("traverse (mitmproxy/addonmanager.py)", pytest.approx(0.5))
 
 
+def run_of(target: str, round_index: int, rps: float, cpu: float, p50: float = 1.0) -> dict:
+    return {"mode": "reverse", "keepalive": True, "connections": 10, "target": target, "round": round_index,
+            "tool": "wrk", "ok": int(rps), "errors": 0, "rps": rps, "p50_ms": p50, "p99_ms": 2 * p50, "note": "",
+            "cpu_s_per_1k": cpu, "peak_rss_mb": 50.0, "upstream_cpu_s_per_1k": 0.1}
+
+
+def test_headline_is_the_median_of_rounds_with_its_spread() -> None:
+    # Round 1 was disturbed (the gateway got a busy second): the median ignores it, the spread shows it.
+    runs = [run_of("direct", None, 5000, 0)]
+    for i, (bare, gateway) in enumerate([(800, 720), (800, 400), (800, 700), (780, 700), (820, 738)]):
+        runs += [run_of("bare", i, bare, 1.2), run_of("gateway", i, gateway, 1.5)]
+    [h] = report.headline({"runs": runs})
+    assert h["rounds"] == 5 and h["ratio"] == pytest.approx(0.8974, abs=1e-3)
+    assert (h["ratio_min"], h["ratio_max"]) == pytest.approx((0.5, 0.9))
+    assert h["spread_points"] == pytest.approx(40) and not h["judged"]
+    assert h["cpu_ratio"] == pytest.approx(0.8) and h["bare_rps"] == 800
+    # Without the disturbed round the row can be judged.
+    calm = [r for r in runs if r["round"] != 1]
+    [h] = report.headline({"runs": calm})
+    assert h["judged"] and h["spread_points"] < report.SPREAD_LIMIT_POINTS and h["throughput_met"]
+    # One round has no spread: never judged. Runs saved before rounds existed read as one round.
+    [h] = report.headline({"runs": [{k: v for k, v in r.items() if k != "round"} for r in runs[:3]]})
+    assert h["rounds"] == 1 and not h["judged"]
+    [target] = [t for t in report.per_target(runs) if t["target"] == "gateway"]
+    assert (target["rounds"], target["rps"], target["rps_min"], target["rps_max"]) == (5, 700, 400, 738)
+
+
 def test_benchmark_end_to_end(tmp_path: Path) -> None:
-    args = run.parse_args(["--quick", "--python-load", "--no-pin", "--duration", "1", "--out", str(tmp_path / "results")])
+    args = run.parse_args(["--quick", "--python-load", "--no-pin", "--duration", "1", "--rounds", "2",
+                           "--out", str(tmp_path / "results")])
     started = datetime.datetime.now()
     with ExitStack() as stack:
         bench = run.Bench(args, stack, tmp_path / "work")
@@ -77,10 +106,13 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
         bench.check_chain()  # every canned path through the gateway in both modes; 401 without a token
         bench.warm_up(seconds=0.3)
         bench.start_counting()
-        for mode, keepalive, name in (("reverse", True, "direct"), ("reverse", True, "bare"),
-                                      ("reverse", True, "gateway"), ("regular", False, "gateway")):
-            row = bench.phase(mode, keepalive, 2, name)
-            bench.runs.append(row)
+        # One headline row in interleaved rounds, then regular mode with new connections through the gateway.
+        bench.runs += bench.row("reverse", True, 2)
+        assert [(r["target"], r["round"]) for r in bench.runs] == [
+            ("direct", None), ("bare", 0), ("gateway", 0), ("gateway", 1), ("bare", 1)]
+        bench.runs.append(bench.phase("regular", False, 2, "gateway"))
+        for row in bench.runs:
+            name = row["target"]
             assert row["ok"] > 0 and row["errors"] == 0, row
             assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
             if name != "direct":
@@ -117,7 +149,15 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     latest = tmp_path / "results" / "latest.md"
     path = report.write(results, outdir, latest, with_plots=with_plots)
     text = path.read_text()
-    assert "| reverse | keep-alive | 2 |" in text  # the headline row: gateway vs bare
+    # The headline row, gateway vs bare over 2 rounds: median ratio, its min–max, the spread in points.
+    header = next(line for line in text.splitlines() if line.startswith("| mode | connections | concurrency |"))
+    assert "median" in header and "min–max" in header and "spread" in header
+    row = re.search(r"^\| reverse \| keep-alive \| 2 \| 2 \| (\d+)% (?:✅|❌|⚠️) \| (\d+)–(\d+)% \| (\d+)\b"
+                    r"[^|]* \| (\d+)% \| (\d+)–(\d+)% \|", text, re.M)
+    assert row, text[:3000]
+    median, low, high, spread, cpu, cpu_low, cpu_high = map(int, row.groups())
+    assert low <= median <= high and abs(spread - (high - low)) <= 1 and cpu_low <= cpu <= cpu_high
+    assert ("⚠️" in row.group(0)) == (not report.headline(results)[0]["judged"])
     assert "jitgate (full chain)" in text and "Not yet measurable: no masking step" in text
     assert json.loads((outdir / "results.json").read_text())["steady_state"]["oidc_calls"] == 0
     if with_plots:

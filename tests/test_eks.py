@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import logging
@@ -12,10 +13,12 @@ import re
 import socket
 import threading
 import time
+import tracemalloc
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
 from jitgate.upstream.eks import (
@@ -304,6 +307,134 @@ def test_callers_get_their_own_sessions(moto, role_arn):
     provider.invalidate()
     provider.token_for("bob@example.com")
     assert len(moto.assume_role_calls(role_arn)) == 4
+
+
+# The cache is bounded: least recently used callers leave, and come back with a new AssumeRole.
+
+
+class InProcessSTS:
+    """A boto3 session whose AssumeRole is answered inside botocore (a before-call handler), for tests
+    with thousands of callers: moto_server takes about 25 ms a call. Each answer is a new session;
+    `hold` makes the calls for one caller wait until released."""
+
+    def __init__(self) -> None:
+        self.session = boto3.Session()
+        self.calls: list[str] = []  # RoleSessionName of each AssumeRole, in order
+        self.hold: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.session.events.register("before-call.sts.AssumeRole", self._answer)
+
+    def _answer(self, params, **kwargs):
+        name = params["body"]["RoleSessionName"]
+        if name in self.hold:
+            assert self.hold[name].wait(10), f"AssumeRole of {name} was never released"
+        with self._lock:
+            self.calls.append(name)
+            n = len(self.calls)
+        credentials = {"AccessKeyId": f"ASIA{n:016d}", "SecretAccessKey": f"secret-{n:036d}",
+                       "SessionToken": f"session-token-{n}-" + "t" * 400, "Expiration": time.time() + 3600}
+        return AWSResponse("https://sts.us-east-1.amazonaws.com/", 200, {}, None), {"Credentials": credentials}
+
+    def count(self, name: str) -> int:
+        return self.calls.count(name)
+
+
+def in_process_provider(sts: InProcessSTS, **options) -> EKSTokenProvider:
+    config = EKSClusterCredentialConfig(REGION, CLUSTER, "arn:aws:iam::123456789012:role/jitgate-eks-admin")
+    return EKSTokenProvider(config, session=sts.session, **options)
+
+
+def warm_token(provider: EKSTokenProvider, identity: str) -> str:
+    """atoken_for of a caller whose token is cached: it must finish without suspending."""
+    coroutine = provider.atoken_for(identity)
+    with pytest.raises(StopIteration) as done:
+        coroutine.send(None)
+    return done.value.value
+
+
+def test_cache_holds_at_most_max_callers_least_recently_used_first():
+    sts = InProcessSTS()
+    provider = in_process_provider(sts, max_callers=100)
+    provider.token_for("alice@example.com")
+    most = 0
+    for i in range(3000):
+        provider.token_for(f"user{i}@example.com")
+        if i % 10 == 0:
+            warm_token(provider, "alice@example.com")  # in use all along, also on the async path
+        most = max(most, provider.cached_callers)
+    assert most == 100 and provider.cached_callers == 100
+    assert len(sts.calls) == provider.stats.assume_role_calls == 3001
+    assert provider.stats.evictions == 3001 - 100
+    # Least recently used first: alice stayed, and so did the 99 callers seen last.
+    assert sts.count("alice@example.com") == 1
+    for i in range(2901, 3000):
+        provider.token_for(f"user{i}@example.com")
+    assert provider.stats.assume_role_calls == 3001
+
+    # An evicted caller works again: one new AssumeRole, and a token of its new session.
+    token = provider.token_for("user0@example.com")
+    assert decode_eks_token(token)["access_key_id"] == "ASIA" + f"{3002:016d}"
+    assert sts.count("user0@example.com") == 2 and provider.stats.assume_role_calls == 3002
+    assert provider.token_for("user0@example.com") == token and provider.cached_callers == 100
+
+
+def test_evicted_caller_assumes_the_role_again(moto, role_arn):
+    provider = EKSTokenProvider(config_for(moto, role_arn), max_callers=2)
+    alice = decode_eks_token(provider.token_for("alice@example.com"))["access_key_id"]
+    provider.token_for("bob@example.com")
+    provider.token_for("carol@example.com")  # alice is the least recently used: she leaves
+    assert provider.cached_callers == 2 and provider.stats.evictions == 1
+
+    again = decode_eks_token(provider.token_for("alice@example.com"))["access_key_id"]
+    assert again != alice  # a new role session, which EKS maps to the same user
+    provider.token_for("carol@example.com")  # still cached: bob left to make room for alice
+    names = [c.params["RoleSessionName"] for c in moto.assume_role_calls(role_arn)]
+    assert names == ["alice@example.com", "bob@example.com", "carol@example.com", "alice@example.com"]
+    assert (provider.stats.assume_role_calls, provider.stats.evictions) == (4, 2)
+
+
+def test_a_refresh_under_way_is_not_evicted():
+    sts = InProcessSTS()
+    sts.hold["alice@example.com"] = threading.Event()
+    provider = in_process_provider(sts, max_callers=2)
+    tokens: list[str] = []
+    first = threading.Thread(target=lambda: tokens.append(provider.token_for("alice@example.com")))
+    first.start()
+    deadline = time.monotonic() + 5
+    while not provider.cached_callers and time.monotonic() < deadline:
+        time.sleep(0.001)
+    # Many callers pass while alice's AssumeRole hangs; her slot, the oldest, must stay...
+    for i in range(10):
+        provider.token_for(f"user{i}@example.com")
+    assert provider.cached_callers == 2
+    # ...so a second request for her waits for the same refresh instead of starting another.
+    second = threading.Thread(target=lambda: tokens.append(provider.token_for("alice@example.com")))
+    second.start()
+    time.sleep(0.05)
+    sts.hold["alice@example.com"].set()
+    first.join(10)
+    second.join(10)
+    assert len(tokens) == 2 and tokens[0] == tokens[1]
+    assert sts.count("alice@example.com") == 1
+
+
+def test_memory_per_cached_caller_is_a_few_kib():
+    sts = InProcessSTS()
+    provider = in_process_provider(sts, max_callers=2000)
+    for i in range(20):  # botocore's own caches fill on first use
+        provider.token_for(f"warm-up-{i}@example.com")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            provider.token_for(f"user{i}@example.com")
+        gc.collect()
+        per_caller = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    finally:
+        tracemalloc.stop()
+    # A botocore client per caller, as before, held about 145 KiB each.
+    assert per_caller < 16 * 1024, f"{per_caller / 1024:.1f} KiB per cached caller"
 
 
 def assert_no_secrets(text: str) -> None:
@@ -603,3 +734,5 @@ def test_config_and_provider_validate():
         EKSTokenProvider(config, refresh_margin=900)
     with pytest.raises(ValueError, match="token_reuse"):
         EKSTokenProvider(config, token_reuse=15 * 60)
+    with pytest.raises(ValueError, match="max_callers"):
+        EKSTokenProvider(config, max_callers=0)

@@ -13,11 +13,14 @@ files, web identity as with IRSA or EKS Pod Identity, the container or instance 
 the boto3.Session handed to EKSTokenProvider carries. That principal needs sts:AssumeRole and
 sts:SetSourceIdentity on the role, and the role's trust policy must allow both actions.
 
-Role credentials are cached per (role, caller) and refreshed `refresh_margin` seconds before they
-expire; tokens are reused for `token_reuse` seconds. A refresh is one STS call however many requests
-wait for it. When STS fails, the next attempt for that caller waits `failure_backoff` seconds
-(requests in between get the same error at once), and a session that is due for refresh but not yet
-expired keeps serving meanwhile. Nothing here logs or puts into an error message an access key, a
+One STS client per provider calls AssumeRole with the gateway's own credentials. What is kept per
+caller is small (the role session's three credential strings and the current token, a few KiB) and
+bounded: at most `max_callers` callers are cached, the least recently used leaving first, and an
+evicted caller simply assumes the role again on its next call. Role credentials are refreshed
+`refresh_margin` seconds before they expire; tokens are reused for `token_reuse` seconds. A refresh
+is one STS call however many requests wait for it. When STS fails, the next attempt for that caller
+waits `failure_backoff` seconds (requests in between get the same error at once), and a session
+that is due for refresh but not yet expired keeps serving meanwhile. Nothing here logs or puts into an error message an access key, a
 secret key, a session token or a minted token.
 """
 
@@ -33,13 +36,17 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import boto3
+from botocore.auth import SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import BotoCoreError, ClientError
 
 log = logging.getLogger("jitgate.upstream.eks")
@@ -48,6 +55,9 @@ TOKEN_PREFIX = "k8s-aws-v1."
 CLUSTER_ID_HEADER = "x-k8s-aws-id"
 PRESIGN_EXPIRES_IN = 60  # what `aws eks get-token` asks for; EKS applies its own 15-minute window
 EKS_TOKEN_LIFETIME = datetime.timedelta(minutes=15)
+_GET_CALLER_IDENTITY = {"Action": "GetCallerIdentity", "Version": "2011-06-15"}
+# Callers whose role session stays cached; a few KiB each. Beyond it the least recently used goes.
+DEFAULT_MAX_CALLERS = 1024
 
 # STS limits for RoleSessionName and SourceIdentity: `[\w+=,.@-]{2,64}`, where \w is ASCII only.
 _STS_NAME_OUTSIDE = re.compile(r"[^A-Za-z0-9_+=,.@-]+")
@@ -155,13 +165,14 @@ class ProviderStats:
     assume_role_calls: int = 0
     tokens_minted: int = 0
     cache_hits: int = 0
+    evictions: int = 0  # callers dropped to stay within max_callers; each costs one AssumeRole when it returns
 
 
 @dataclass(frozen=True)
 class _RoleSession:
-    """One assumed-role session: an STS client holding its credentials, to presign with."""
+    """One assumed-role session: the role credentials STS issued, to presign with."""
 
-    signer: Any = field(repr=False)
+    credentials: ReadOnlyCredentials = field(repr=False)
     refresh_at: float
     expires_at: float
 
@@ -186,18 +197,6 @@ class _Slot:
         self.failure: str = ""
 
 
-def _take_cluster_id(params: dict, context: dict, **kwargs: Any) -> None:
-    # The cluster name is passed as a pseudo-parameter; move it out of the API parameters...
-    if CLUSTER_ID_HEADER in params:
-        context[CLUSTER_ID_HEADER] = params.pop(CLUSTER_ID_HEADER)
-
-
-def _add_cluster_id_header(request: Any, **kwargs: Any) -> None:
-    # ...and into a header before signing, so the signature binds the token to the cluster.
-    if CLUSTER_ID_HEADER in request.context:
-        request.headers[CLUSTER_ID_HEADER] = request.context[CLUSTER_ID_HEADER]
-
-
 class EKSTokenProvider:
     """Mints EKS tokens for callers, assuming the cluster role as each of them (cached, single-flight)."""
 
@@ -210,6 +209,7 @@ class EKSTokenProvider:
         token_reuse: float = 600.0,
         failure_backoff: float = 5.0,
         client_config: Config | None = None,
+        max_callers: int = DEFAULT_MAX_CALLERS,
     ) -> None:
         if not 0 <= refresh_margin < config.session_duration:
             raise ValueError(f"refresh_margin {refresh_margin} must be in [0, session_duration)")
@@ -218,17 +218,26 @@ class EKSTokenProvider:
             raise ValueError(f"token_reuse {token_reuse} must be in (0, 840] seconds")
         if failure_backoff < 0:
             raise ValueError(f"failure_backoff {failure_backoff} must not be negative")
+        if max_callers < 1:
+            raise ValueError(f"max_callers {max_callers} must be at least 1")
         self.config = config
         self.refresh_margin = refresh_margin
         self.token_reuse = token_reuse
         self.failure_backoff = failure_backoff
+        self.max_callers = max_callers
         self.stats = ProviderStats()
         self._now = now
-        self._session = session or boto3.Session()
-        self._session_lock = threading.Lock()  # boto3 sessions are not thread-safe; clients are
-        self._client_config = _STS_CLIENT_CONFIG.merge(client_config) if client_config else _STS_CLIENT_CONFIG
-        self._sts = self._client()
-        self._slots: dict[tuple[str, str], _Slot] = {}
+        # One client for every caller: AssumeRole goes out with the gateway's own credentials, and
+        # botocore clients are thread-safe. Its endpoint and region are also what tokens are signed for.
+        self._sts = (session or boto3.Session()).client(
+            "sts",
+            region_name=config.region,
+            endpoint_url=config.sts_endpoint,
+            verify=config.ca_bundle,
+            config=_STS_CLIENT_CONFIG.merge(client_config) if client_config else _STS_CLIENT_CONFIG,
+        )
+        # Least recently used first; guarded by _slots_lock, which is never held across STS calls.
+        self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()
         self._slots_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._inflight: dict[tuple[str, str], asyncio.Task[str]] = {}
@@ -259,9 +268,11 @@ class EKSTokenProvider:
 
     async def atoken_for(self, identity: str) -> str:
         """token_for for the event loop: cached tokens inline, STS work in a thread, one per caller."""
+        if not identity:
+            raise ValueError("identity must be set")
         key = (self.config.role_arn, identity)
-        slot = self._slots.get(key)
-        if slot is not None and (token := self._fresh_token(slot)) is not None:
+        # Through _slot even when warm: a hit must count as use, or a busy caller would age out.
+        if (token := self._fresh_token(self._slot(identity))) is not None:
             return token
         loop = asyncio.get_running_loop()
         task = self._inflight.get(key)
@@ -280,6 +291,11 @@ class EKSTokenProvider:
             else:
                 self._slots.pop((self.config.role_arn, identity), None)
         log.info("dropped cached EKS credentials of %s", "all callers" if identity is None else repr(identity))
+
+    @property
+    def cached_callers(self) -> int:
+        """How many callers the cache holds now (at most max_callers, see _evict)."""
+        return len(self._slots)
 
     def _flight_landed(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
         if self._inflight.get(key) is task:
@@ -308,12 +324,36 @@ class EKSTokenProvider:
         return session
 
     def _slot(self, identity: str) -> _Slot:
+        """The cache entry of `identity`, now the most recently used; a new one if it had none."""
         key = (self.config.role_arn, identity)
-        slot = self._slots.get(key)
-        if slot is None:
-            with self._slots_lock:
-                slot = self._slots.setdefault(key, _Slot())
+        with self._slots_lock:
+            slot = self._slots.get(key)
+            if slot is not None:
+                self._slots.move_to_end(key)
+                return slot
+            slot = self._slots[key] = _Slot()
+            self._evict()
         return slot
+
+    def _evict(self) -> None:
+        """Drop least recently used callers beyond max_callers. Call with _slots_lock held.
+
+        A slot whose lock is held has a refresh under way: it stays, since a new slot for the same
+        caller would start a second AssumeRole beside it. When every old slot is busy the cache runs
+        over its bound until those refreshes end (at most one per thread asking STS).
+        """
+        excess = len(self._slots) - self.max_callers
+        if excess <= 0:
+            return
+        idle = []
+        for key, slot in self._slots.items():
+            if not slot.lock.locked():
+                idle.append(key)
+                if len(idle) == excess:
+                    break
+        for key in idle:
+            del self._slots[key]
+        self._count("evictions", len(idle))
 
     def _fresh_token(self, slot: _Slot) -> str | None:
         token = slot.token
@@ -322,20 +362,9 @@ class EKSTokenProvider:
         self._count("cache_hits")
         return token.value
 
-    def _count(self, counter: str) -> None:
+    def _count(self, counter: str, n: int = 1) -> None:
         with self._stats_lock:
-            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-
-    def _client(self, **credentials: str) -> Any:
-        with self._session_lock:
-            return self._session.client(
-                "sts",
-                region_name=self.config.region,
-                endpoint_url=self.config.sts_endpoint,
-                verify=self.config.ca_bundle,
-                config=self._client_config,
-                **credentials,
-            )
+            setattr(self.stats, counter, getattr(self.stats, counter) + n)
 
     def _assume_role(self, identity: str) -> _RoleSession:
         config = self.config
@@ -358,14 +387,9 @@ class EKSTokenProvider:
             raise self._failure(message) from None
         except BotoCoreError as e:
             raise self._failure(f"STS AssumeRole of {config.role_arn} for {identity!r} failed: {e}") from None
-        credentials = response["Credentials"]
-        signer = self._client(
-            aws_access_key_id=credentials["AccessKeyId"],
-            aws_secret_access_key=credentials["SecretAccessKey"],
-            aws_session_token=credentials["SessionToken"],
-        )
-        signer.meta.events.register("provide-client-params.sts.GetCallerIdentity", _take_cluster_id)
-        signer.meta.events.register("before-sign.sts.GetCallerIdentity", _add_cluster_id_header)
+        issued = response["Credentials"]
+        # Three strings, not a client per caller: a botocore client weighs about 134 KiB.
+        credentials = ReadOnlyCredentials(issued["AccessKeyId"], issued["SecretAccessKey"], issued["SessionToken"])
         # STS grants exactly DurationSeconds or refuses the call, so our own clock tells the expiry
         # (and an injected clock stays consistent with it).
         expires_at = started + config.session_duration
@@ -373,16 +397,23 @@ class EKSTokenProvider:
             "assumed %s for %r as session %s, refreshing in %ds",
             config.role_arn, identity, params["RoleSessionName"], config.session_duration - self.refresh_margin,
         )
-        return _RoleSession(signer, expires_at - self.refresh_margin, expires_at)
+        return _RoleSession(credentials, expires_at - self.refresh_margin, expires_at)
 
     def _mint(self, session: _RoleSession, reuse_until: float) -> _CachedToken:
+        # What the STS client's generate_presigned_url("get_caller_identity") produces, signed with the
+        # role credentials instead of the client's own: a SigV4 query-string signature of a GET to the
+        # client's endpoint, with x-k8s-aws-id among the signed headers (it binds the token to the
+        # cluster; botocore leaves out of the signature only headers such as User-Agent).
+        request = AWSRequest(
+            method="GET",
+            url=self._sts.meta.endpoint_url.rstrip("/") + "/",
+            params=dict(_GET_CALLER_IDENTITY),
+            headers={CLUSTER_ID_HEADER: self.config.cluster_name},
+        )
+        signer = SigV4QueryAuth(session.credentials, "sts", self._sts.meta.region_name, expires=PRESIGN_EXPIRES_IN)
         try:
-            url = session.signer.generate_presigned_url(
-                "get_caller_identity",
-                Params={CLUSTER_ID_HEADER: self.config.cluster_name},
-                ExpiresIn=PRESIGN_EXPIRES_IN,
-                HttpMethod="GET",
-            )
+            signer.add_auth(request)
+            url = request.url
         except BotoCoreError as e:
             raise self._failure(f"presigning the EKS token for {self.config.cluster_name} failed: {e}") from None
         self._count("tokens_minted")

@@ -1,24 +1,23 @@
 """Scaling curves, measured in-process on the gateway's own code (no proxy in between).
 
 Each curve gives the cost of one per-call operation as a size grows (identities cached, grants
-active, access rules, response bytes). The access decision is timed on the grants addon itself
-(addons/grants.py, as `mitmdump -s` loads it) against a real SQLite grant store, so it is exactly
-what the gateway runs per call. Steps of the chain that do not exist yet raise `NotYetMeasurable`:
+active, access rules, response bytes). The access decision is timed on the access service that
+the grants addon awaits per call (jitgate.access.service), on an event loop of its own and against
+a real SQLite grant store, so it is exactly what the gateway runs per call. Steps of the chain that do not exist yet raise `NotYetMeasurable`:
 their functions are where the measurement plugs in once the step lands, and the report lists them
 with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import importlib.util
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 from jitgate.access.messages import how_to_request
 from jitgate.access.model import Person
 from jitgate.access.scope import Scope
-from jitgate.chain.call import Call
-from jitgate.identity.oidc import Identity, IssuerConfig, OIDCVerifier
-from jitgate.kube.request_info import parse_request
+from jitgate.access.service import AccessService
+from jitgate.identity.oidc import IssuerConfig, OIDCVerifier
+from jitgate.kube.request_info import RequestInfo, parse_request
 from jitgate.policy.loader import Policy
 from jitgate.store.sqlite import SQLiteStore
 from scripts.bench import bodies
@@ -70,6 +69,19 @@ def best_seconds_per_call(fn: Callable[[], object], calls: int, repeats: int = 5
             fn()
         best = min(best, (time.perf_counter() - started) / calls)
     return best
+
+
+def best_seconds_per_await(loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[object]], calls: int,
+                           repeats: int = 5) -> float:
+    """best_seconds_per_call for a coroutine function. Timed inside the running loop, so the figure
+    is the await's own cost (a hop to the store thread included, if it makes one), not the loop's."""
+    async def timed() -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await fn()
+        return (time.perf_counter() - started) / calls
+
+    return min(loop.run_until_complete(timed()) for _ in range(repeats))
 
 
 # -- identity: verified-token cache ---------------------------------------------------------------
@@ -136,15 +148,6 @@ def request_parsing_costs() -> list[tuple[str, str, float]]:
 
 # -- access decision: grants and rules ------------------------------------------------------------
 
-def load_grants_addon():
-    """The `Grants` class of addons/grants.py, imported the way mitmdump loads a script."""
-    spec = importlib.util.spec_from_file_location("jitgate_bench.grants_addon", REPO / "addons" / "grants.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.Grants
-
-
 def scratch_dir() -> Path:
     """Where the curves' grant store lives: tmpfs when there is one, so filling 100,000 grants does
     not wait on 100,000 fsyncs (the lookups being timed read pages from memory either way)."""
@@ -153,31 +156,26 @@ def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="jitgate-bench-grants-", dir=base))
 
 
-def make_call(policy: Policy, username: str, groups: tuple[str, ...], target: str) -> Call:
-    """A call as the steps before the grants addon leave it: cluster, identity, request attributes."""
-    call = Call()
-    call.cluster = policy.clusters[0]
-    call.identity = Identity(username=username, groups=groups, issuer="https://bench", subject=username,
-                             expires_at=time.time() + 86400)
-    call.info = parse_request("GET", target, {})
-    return call
-
-
 class DecisionBench:
-    """The gateway's per-call access check (addons/grants.py `Grants.decide`) on a real SQLite store."""
+    """The gateway's per-call access check (`AccessService.decide`, what addons/grants.py awaits for
+    every call, then `hold_rule` and the refusal text for a call without a grant) on a real SQLite
+    store, with the service's own store thread."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.directory = scratch_dir()
-        self.store = SQLiteStore(self.directory / "grants.db")
-        self.checker = load_grants_addon()()
-        self.checker.store, self.checker.rules = self.store, policy.access_rules
+        self.service = AccessService()
+        self.service.open_store(str(self.directory / "grants.db"))
+        self.service.set_policy(policy.access_rules, ())
+        self.store: SQLiteStore = self.service.store
+        self.loop = asyncio.new_event_loop()
+        self.service.start(self.loop)
         self.read_rule = policy.access_rules[0]  # bench-read: pods, approved at once
         self.grants = 0
-        groups = tuple(f"oidc:{g}" for g in bodies.USER_GROUPS)
-        self.allowed = make_call(policy, bodies.USER_EMAIL, groups, bodies.PODS_PATH)
-        # Somebody with no grant asking for pods: refused with the message that says how to ask.
-        self.refused = make_call(policy, "nobody@example.com", groups, bodies.PODS_PATH)
+        self.cluster = policy.clusters[0].name
+        self.groups = tuple(f"oidc:{g}" for g in bodies.USER_GROUPS)
+        # What the steps before the grants step know of a call: who, and its request attributes.
+        self.info: RequestInfo = parse_request("GET", bodies.PODS_PATH, {})
 
     def grant(self, username: str) -> None:
         person = Person(username, (f"oidc:{bodies.USER_GROUPS[0]}",))
@@ -192,22 +190,31 @@ class DecisionBench:
         while self.grants < active_grants:
             self.grant(f"user{self.grants}@example.com")
 
-    def decide_allowed(self) -> None:
-        if not self.checker.decide(self.allowed):
-            raise RuntimeError("the benchmark user's grant does not cover the call")
+    def set_rules(self, rules: Sequence) -> None:
+        self.service.set_policy(rules, ())
 
-    def decide_uncached(self) -> None:
-        self.checker.cache.clear()  # as after any change to the store: the caller's grants are re-read
-        self.decide_allowed()
+    def timed(self, fn: Callable[[], Awaitable[object]], calls: int, repeats: int = 5) -> float:
+        return best_seconds_per_await(self.loop, fn, calls, repeats)
 
-    def decide_refused(self) -> None:
-        call, checker = self.refused, self.checker
-        if checker.decide(call) is not None or checker.hold_rule(call) is not None:
+    async def decide_allowed(self) -> None:
+        decision = await self.service.decide(bodies.USER_EMAIL, self.cluster, self.info)
+        if not decision.allowed:
+            raise RuntimeError(f"the benchmark user's grant does not cover the call: {decision.reason}")
+
+    async def decide_uncached(self) -> None:
+        self.service.cache.clear()  # as after any change to the store: the caller's grants are re-read
+        await self.decide_allowed()
+
+    async def decide_refused(self) -> None:
+        # Somebody with no grant asking for pods: refused with the message that says how to ask.
+        decision = await self.service.decide("nobody@example.com", self.cluster, self.info)
+        if decision.allowed or self.service.hold_rule(self.groups, self.cluster, self.info) is not None:
             raise RuntimeError("a call without a grant was not refused")
-        how_to_request(checker.rules, call.identity.groups, call.cluster.name, call.info)
+        how_to_request(self.service.rules, self.groups, self.cluster, self.info)
 
     def close(self) -> None:
-        self.store.close()
+        self.loop.run_until_complete(self.service.stop())  # closes the store on its own thread
+        self.loop.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -218,18 +225,17 @@ def grant_decision_curve(policy: Policy, counts: Sequence[int] = GRANT_COUNTS) -
     try:
         for count in sorted(counts):
             bench.fill(count)
-            bench.decide_allowed()
-            curve.add("steady state (cached grants)", count, best_seconds_per_call(bench.decide_allowed, 2000) * 1e6)
-            curve.add("after a store change (SQL lookup)", count,
-                      best_seconds_per_call(bench.decide_uncached, 300) * 1e6)
+            bench.timed(bench.decide_allowed, 1, repeats=1)
+            curve.add("steady state (cached grants)", count, bench.timed(bench.decide_allowed, 2000) * 1e6)
+            curve.add("after a store change (SQL lookup)", count, bench.timed(bench.decide_uncached, 300) * 1e6)
     finally:
         bench.close()
     for label, points in curve.series.items():
         curve.notes.append(f"{label}: {spread([y for _, y in points]):.0%} from the smallest to the largest store "
                            "(target: within 10%)")
     curve.notes.append("the gateway asks SQLite whether the store changed (PRAGMA data_version) at most every "
-                       f"{load_grants_addon().CHANGE_CHECK_SECONDS * 1000:.0f} ms; the caller's grants are re-read (indexed by user "
-                       "and cluster) only after a change")
+                       f"{AccessService.CHANGE_CHECK_SECONDS * 1000:.0f} ms; the caller's grants are re-read (indexed by "
+                       "user and cluster, on the service's store thread) only after a change")
     return curve
 
 
@@ -245,11 +251,11 @@ def rule_decision_curve(policy: Policy, counts: Sequence[int] = RULE_COUNTS) -> 
             others = tuple(dataclasses.replace(own[0], name=f"team-{i}", requesters=(f"oidc:team-{i}",),
                                                namespaces=(f"team-{i}",), source="")
                            for i in range(max(0, count - len(own))))
-            bench.checker.rules = others + own
-            bench.decide_allowed()
-            curve.add("call covered by a grant", count, best_seconds_per_call(bench.decide_allowed, 2000) * 1e6)
+            bench.set_rules(others + own)
+            bench.timed(bench.decide_allowed, 1, repeats=1)
+            curve.add("call covered by a grant", count, bench.timed(bench.decide_allowed, 2000) * 1e6)
             curve.add("call without a grant (refusal names the rule to ask under)", count,
-                      best_seconds_per_call(bench.decide_refused, max(20, 20_000 // count), repeats=3) * 1e6)
+                      bench.timed(bench.decide_refused, max(20, 20_000 // count), repeats=3) * 1e6)
     finally:
         bench.close()
     curve.notes.append("a call covered by a grant never reads the rules; a refused call scans them in policy order")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ TARGET_LABELS = {"direct": "direct to upstream", "bare": "bare mitmdump", "gatew
 THROUGHPUT_TARGET = 0.80  # full chain >= 80% of bare mitmdump's requests/s
 ADDED_P50_TARGET_MS = 1.0
 WATCH_TARGET_KB = 64
+# Ratios of rounds that differ by more than this many percentage points say more about the machine's
+# load than about the gateway: such a row is flagged rather than given a verdict.
+SPREAD_LIMIT_POINTS = 10
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -29,41 +33,117 @@ def _count(value: int | None) -> str:
     return "n/a" if value is None else f"{value:,}"
 
 
-def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per mode / keep-alive / concurrency: gateway throughput as % of bare, added p50 latency."""
-    by_cell: dict[tuple, dict[str, dict]] = {}
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _cell(row: dict[str, Any]) -> tuple:
+    return row["mode"], row["keepalive"], row["connections"]
+
+
+def _rounds(results: dict[str, Any]) -> dict[tuple, dict[Any, dict[str, dict]]]:
+    """cell -> round -> target -> run. Runs saved before rounds existed count as round 0."""
+    cells: dict[tuple, dict[Any, dict[str, dict]]] = {}
     for row in results["runs"]:
-        by_cell.setdefault((row["mode"], row["keepalive"], row["connections"]), {})[row["target"]] = row
+        cells.setdefault(_cell(row), {}).setdefault(row.get("round") or 0, {})[row["target"]] = row
+    return cells
+
+
+def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per mode / keep-alive / concurrency: gateway throughput as % of bare and added p50 latency.
+
+    Each round (bare and gateway measured back to back) gives one ratio; a row reports their median,
+    which a round disturbed by other load on the machine cannot move much, and their range. The
+    spread (max - min, in percentage points) says whether the row can be judged at all.
+    """
     lines = []
-    for (mode, keepalive, conns), rows in by_cell.items():
-        bare, gateway = rows.get("bare"), rows.get("gateway")
-        if not bare or not gateway or not bare["rps"]:
+    for (mode, keepalive, conns), rounds in _rounds(results).items():
+        ratios, cpu_ratios, added, added_cpu, bare_rps, gateway_rps, bare_cpu, gateway_cpu = ([] for _ in range(8))
+        for pair in rounds.values():
+            bare, gateway = pair.get("bare"), pair.get("gateway")
+            if not bare or not gateway or not bare["rps"]:
+                continue
+            ratios.append(gateway["rps"] / bare["rps"])
+            added.append(gateway["p50_ms"] - bare["p50_ms"])
+            bare_rps.append(bare["rps"])
+            gateway_rps.append(gateway["rps"])
+            # CPU per request is steadier than req/s on a shared machine: when the proxy is CPU-bound,
+            # its throughput ratio is the inverse ratio of CPU per request.
+            b_cpu, g_cpu = bare.get("cpu_s_per_1k"), gateway.get("cpu_s_per_1k")
+            if b_cpu and g_cpu:
+                cpu_ratios.append(b_cpu / g_cpu)
+                added_cpu.append(g_cpu - b_cpu)
+                bare_cpu.append(b_cpu)
+                gateway_cpu.append(g_cpu)
+        if not ratios:
             continue
-        ratio = gateway["rps"] / bare["rps"]
-        added = gateway["p50_ms"] - bare["p50_ms"]
-        # CPU per request is steadier than req/s on a shared machine: when the proxy is CPU-bound,
-        # its throughput ratio is the inverse ratio of CPU per request.
-        bare_cpu, gateway_cpu = bare.get("cpu_s_per_1k"), gateway.get("cpu_s_per_1k")
-        cpu_ratio = bare_cpu / gateway_cpu if bare_cpu and gateway_cpu else None
-        lines.append({"mode": mode, "keepalive": keepalive, "connections": conns, "ratio": ratio,
-                      "added_p50_ms": added, "bare_rps": bare["rps"], "gateway_rps": gateway["rps"],
-                      "throughput_met": ratio >= THROUGHPUT_TARGET, "latency_met": added <= ADDED_P50_TARGET_MS,
-                      "gateway_cpu": gateway_cpu, "bare_cpu": bare_cpu, "cpu_ratio": cpu_ratio,
-                      "added_cpu_ms": gateway_cpu - bare_cpu if cpu_ratio else None})
+        ratio, added_p50 = _median(ratios), _median(added)
+        spread = (max(ratios) - min(ratios)) * 100
+        lines.append({"mode": mode, "keepalive": keepalive, "connections": conns, "rounds": len(ratios),
+                      "ratio": ratio, "ratio_min": min(ratios), "ratio_max": max(ratios), "spread_points": spread,
+                      # One round has no spread to show: it cannot tell the gateway from the machine's load.
+                      "judged": len(ratios) >= 2 and spread <= SPREAD_LIMIT_POINTS,
+                      "round_ratios": ratios, "round_cpu_ratios": cpu_ratios,
+                      "added_p50_ms": added_p50, "bare_rps": _median(bare_rps), "gateway_rps": _median(gateway_rps),
+                      "throughput_met": ratio >= THROUGHPUT_TARGET, "latency_met": added_p50 <= ADDED_P50_TARGET_MS,
+                      "gateway_cpu": _median(gateway_cpu), "bare_cpu": _median(bare_cpu),
+                      "cpu_ratio": _median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios, default=None),
+                      "cpu_ratio_max": max(cpu_ratios, default=None), "added_cpu_ms": _median(added_cpu)})
     return lines
 
 
+def _percent(value: float | None) -> str:
+    return _fmt(None if value is None else value * 100, 0) + "%"
+
+
+def _range(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None or high is None else f"{low * 100:.0f}–{high * 100:.0f}%"
+
+
+def _verdict(h: dict[str, Any]) -> str:
+    """The throughput verdict, or why there is none."""
+    if not h["judged"]:
+        return "too wide to judge" if h["rounds"] >= 2 else "one round: no spread"
+    return "ok" if h["throughput_met"] else "MISS"
+
+
+def headline_line(h: dict[str, Any]) -> str:
+    return (f"  {h['mode']:<8} {'keep-alive' if h['keepalive'] else 'new conns':<10} c={h['connections']:<3} "
+            f"throughput median {h['ratio']:6.1%} ({_range(h['ratio_min'], h['ratio_max'])}, "
+            f"spread {h['spread_points']:.0f} pts, {h['rounds']} rounds) {_verdict(h)}  "
+            f"CPU-bound ratio {_percent(h['cpu_ratio'])} ({_range(h['cpu_ratio_min'], h['cpu_ratio_max'])})  "
+            f"added p50 {h['added_p50_ms']:+6.2f} ms {'ok' if h['latency_met'] else 'MISS'}  "
+            f"CPU/request {_fmt(h['gateway_cpu'], 2)} vs {_fmt(h['bare_cpu'], 2)} ms  "
+            f"({_fmt(h['gateway_rps'])} vs {_fmt(h['bare_rps'])} req/s)")
+
+
 def headline_text(results: dict[str, Any]) -> str:
-    rows = headline(results)
-    out = ["Full chain vs bare mitmdump (targets: >= 80% throughput, <= +1 ms p50):"]
-    for h in rows:
-        out.append(f"  {h['mode']:<8} {'keep-alive' if h['keepalive'] else 'new conns':<10} c={h['connections']:<3} "
-                   f"throughput {h['ratio']:6.1%} ({h['gateway_rps']:7.1f} vs {h['bare_rps']:7.1f} req/s) "
-                   f"{'ok  ' if h['throughput_met'] else 'MISS'}  "
-                   f"added p50 {h['added_p50_ms']:+7.2f} ms {'ok' if h['latency_met'] else 'MISS'}  "
-                   f"CPU/request {_fmt(h['gateway_cpu'], 2)} vs {_fmt(h['bare_cpu'], 2)} ms "
-                   f"(CPU-bound ratio {_fmt((h['cpu_ratio'] or math.nan) * 100, 0)}%)")
+    out = [f"Full chain vs bare mitmdump, medians over rounds (targets: >= 80% throughput, <= +1 ms p50; "
+           f"a spread over {SPREAD_LIMIT_POINTS} points is too wide to judge):"]
+    out += [headline_line(h) for h in headline(results)]
     return "\n".join(out)
+
+
+def per_target(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per mode / keep-alive / concurrency / target: medians over its rounds (peak RSS: the
+    highest, errors: the sum), with the lowest and highest req/s of a round."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in runs:
+        groups.setdefault((*_cell(row), row["target"]), []).append(row)
+    found = []
+    for rows in groups.values():
+        first = rows[0]
+        row = {key: first[key] for key in ("mode", "keepalive", "connections", "target", "tool")}
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_s_per_1k", "upstream_cpu_s_per_1k"):
+            values = [r[key] for r in rows if r.get(key) is not None and r[key] == r[key]]  # not None, not NaN
+            row[key] = _median(values)
+        rss = [r["peak_rss_mb"] for r in rows if r.get("peak_rss_mb") is not None]
+        row["peak_rss_mb"] = max(rss) if rss else None
+        row["rps_min"], row["rps_max"] = min(r["rps"] for r in rows), max(r["rps"] for r in rows)
+        row["rounds"], row["errors"] = len(rows), sum(r["errors"] for r in rows)
+        row["note"] = next((r["note"] for r in rows if r["note"]), "")
+        found.append(row)
+    return found
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -75,40 +155,57 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(results: dict[str, Any], image_prefix: str = "") -> str:
     meta = results["meta"]
     md = [f"# jitgate benchmark, {meta['started']}", ""]
+    rounds = f"{meta['rounds']} rounds of {meta['duration']} s" if "rounds" in meta else f"{meta['duration']} s"
     md.append(f"Machine: {meta['machine']}. Load average at start: {meta['loadavg']}. "
-              f"Mode: {'quick' if meta['quick'] else 'full'}, {meta['duration']} s per load phase, "
+              f"Mode: {'quick' if meta['quick'] else 'full'}, {rounds} per target and row, "
               f"CPU pinning: {meta['pinning']}. Total run time: {meta.get('elapsed', 'n/a')} s.")
     md.append("")
     if meta.get("noisy_note"):
         md += [f"> {meta['noisy_note']}", ""]
 
-    md += ["## Headline: jitgate (full chain) vs bare mitmdump, same run", ""]
+    md += ["## Headline: jitgate (full chain) vs bare mitmdump, medians over interleaved rounds", ""]
+    lines = headline(results)
     rows = []
-    for h in headline(results):
+    for h in lines:
+        mark = ("✅" if h["throughput_met"] else "❌") if h["judged"] else "⚠️"
+        spread = f"{h['spread_points']:.0f}" + ("" if h["judged"] else f" ⚠️ {_verdict(h)}")
         rows.append([h["mode"], "keep-alive" if h["keepalive"] else "new connection", str(h["connections"]),
-                     f"{h['ratio']:.0%} {'✅' if h['throughput_met'] else '❌'}",
+                     str(h["rounds"]), f"{h['ratio']:.0%} {mark}", _range(h["ratio_min"], h["ratio_max"]), spread,
+                     _percent(h["cpu_ratio"]), _range(h["cpu_ratio_min"], h["cpu_ratio_max"]),
                      f"{h['added_p50_ms']:+.2f} {'✅' if h['latency_met'] else '❌'}",
-                     _fmt(h["gateway_cpu"], 2), _fmt(h["bare_cpu"], 2), _fmt(h["added_cpu_ms"], 2),
-                     f"{_fmt((h['cpu_ratio'] or math.nan) * 100, 0)}%"])
-    md.append(_table(["mode", "connections", "concurrency", "throughput vs bare (target ≥ 80%)",
-                      "added p50 ms (target ≤ 1)", "gateway CPU s / 1k req", "bare CPU s / 1k req",
-                      "added CPU ms / req", "CPU-bound ratio (bare ÷ gateway CPU)"], rows))
+                     _fmt(h["gateway_cpu"], 2), _fmt(h["bare_cpu"], 2), _fmt(h["added_cpu_ms"], 2)])
+    md.append(_table(["mode", "connections", "concurrency", "rounds", "throughput vs bare, median (target ≥ 80%)",
+                      "throughput min–max", f"spread, points (≤ {SPREAD_LIMIT_POINTS} to judge)",
+                      "CPU-bound ratio, median (bare ÷ gateway CPU)", "CPU-bound min–max",
+                      "added p50 ms, median (target ≤ 1)", "gateway CPU s / 1k req", "bare CPU s / 1k req",
+                      "added CPU ms / req"], rows))
     md.append("")
-    md.append("CPU per request is the steadier measure when the machine is shared: a CPU-bound proxy's "
-              "throughput ratio equals the inverse ratio of its CPU per request (last column). With more than one "
-              "connection the proxy is saturated and p50 is mostly queueing (about concurrency × CPU per request), "
-              "so the latency target speaks to the concurrency-1 rows.")
+    md.append("Each round measures bare mitmdump and the gateway back to back (the order alternates from round to "
+              "round) and gives one ratio of their throughputs; a row shows the median of those ratios and their "
+              f"range. A spread (max − min) over {SPREAD_LIMIT_POINTS} points means other load on the machine moved the "
+              "numbers more than the gateway did: ⚠️ rows get no verdict; re-run them quieter or with more "
+              "`--rounds`. CPU per request is the steadier measure when the machine is shared: a CPU-bound proxy's "
+              "throughput ratio equals the inverse ratio of its CPU per request (the CPU-bound columns). With more "
+              "than one connection the proxy is saturated and p50 is mostly queueing (about concurrency × CPU per "
+              "request), so the latency target speaks to the concurrency-1 rows.")
     md.append("")
+    if any(h["rounds"] > 1 for h in lines):
+        md.append(_table(["mode", "connections", "concurrency", "throughput ratio per round", "CPU-bound ratio per round"],
+                         [[h["mode"], "keep-alive" if h["keepalive"] else "new connection", str(h["connections"]),
+                           " ".join(f"{r:.0%}" for r in h["round_ratios"]),
+                           " ".join(f"{r:.0%}" for r in h["round_cpu_ratios"]) or "n/a"] for h in lines]))
+        md.append("")
 
-    md += ["## All runs", ""]
+    md += ["## Per target (medians over rounds)", ""]
     rows = []
-    for r in results["runs"]:
+    for r in per_target(results["runs"]):
         rows.append([r["mode"], "yes" if r["keepalive"] else "no", str(r["connections"]), TARGET_LABELS[r["target"]],
-                     r["tool"], _fmt(r["rps"]), _fmt(r["p50_ms"], 2), _fmt(r["p99_ms"], 2),
-                     _fmt(r.get("cpu_s_per_1k"), 2), _fmt(r.get("peak_rss_mb")),
-                     _fmt(r.get("upstream_cpu_s_per_1k"), 3), str(r["errors"]) + (f" ({r['note']})" if r["note"] else "")])
-    md.append(_table(["mode", "keep-alive", "conns", "target", "client", "req/s", "p50 ms", "p99 ms",
-                      "proxy CPU s / 1k req", "proxy peak RSS MB", "nginx CPU s / 1k req", "errors"], rows))
+                     r["tool"], str(r["rounds"]), _fmt(r["rps"]), f"{_fmt(r['rps_min'])}–{_fmt(r['rps_max'])}",
+                     _fmt(r["p50_ms"], 2), _fmt(r["p99_ms"], 2), _fmt(r.get("cpu_s_per_1k"), 2),
+                     _fmt(r.get("peak_rss_mb")), _fmt(r.get("upstream_cpu_s_per_1k"), 3),
+                     str(r["errors"]) + (f" ({r['note']})" if r["note"] else "")])
+    md.append(_table(["mode", "keep-alive", "conns", "target", "client", "rounds", "req/s", "req/s min–max", "p50 ms",
+                      "p99 ms", "proxy CPU s / 1k req", "proxy peak RSS MB", "nginx CPU s / 1k req", "errors"], rows))
     md.append("")
     for name, title in (("throughput.png", "throughput"), ("latency.png", "p50 latency")):
         if name in results.get("plots", []):
@@ -207,7 +304,7 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    runs = results["runs"]
+    runs = per_target(results["runs"])
     cells = sorted({(r["mode"], r["keepalive"]) for r in runs}, key=lambda c: (c[0] != "reverse", not c[1]))
     colors = {"direct": "#9e9e9e", "bare": "#1f77b4", "gateway": "#d62728"}
     for metric, name, label, log in (("rps", "throughput.png", "requests/s", True),
@@ -219,13 +316,17 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
             conns = sorted({r["connections"] for r in runs if r["mode"] == mode and r["keepalive"] == keepalive})
             width = 0.8 / len(TARGETS)
             for i, target in enumerate(TARGETS):
-                values = []
+                values, low, high = [], [], []
                 for c in conns:
                     row = next((r for r in runs if (r["mode"], r["keepalive"], r["connections"], r["target"])
                                 == (mode, keepalive, c, target)), None)
-                    values.append(row[metric] if row and row[metric] == row[metric] else 0)
+                    value = row[metric] if row and row[metric] is not None and row[metric] == row[metric] else 0
+                    values.append(value)
+                    # Whiskers: the slowest and fastest round of this target, for throughput.
+                    low.append(value - row["rps_min"] if row and metric == "rps" and value else 0)
+                    high.append(row["rps_max"] - value if row and metric == "rps" and value else 0)
                 ax.bar([j + (i - 1) * width for j in range(len(conns))], values, width, label=TARGET_LABELS[target],
-                       color=colors[target])
+                       color=colors[target], yerr=[low, high] if metric == "rps" else None, capsize=2)
             ax.set_xticks(range(len(conns)), [str(c) for c in conns])
             ax.set_xlabel("concurrent connections")
             ax.set_title(f"{mode}, {'keep-alive' if keepalive else 'new connection per request'}", fontsize=9)

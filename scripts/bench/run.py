@@ -1,14 +1,23 @@
 """The jitgate benchmark: direct vs bare mitmdump vs the full gateway, side by side in one run.
 
     scripts/benchmark            # full run (< 10 minutes on 2 cores)
-    scripts/benchmark --quick    # about a minute: one concurrency, short phases, smaller curves
+    scripts/benchmark --quick    # a minute or two: one concurrency, fewer rounds, smaller curves
+    scripts/benchmark --rounds 9 # more rounds per row: a tighter median on a noisy machine
 
 Starts nginx (the Kubernetes API stand-in and the OIDC issuer, canned bodies over TLS), STS
 (moto_server), bare mitmdump and the gateway (same listeners and options), then measures every
 combination of mode (reverse, regular), connection reuse and concurrency, the scaling curves and
-memory per idle watch. Writes results/bench-<stamp>/ (report.md, results.json, PNG plots, logs)
-and results/latest.md, and prints the headline ratios. Everything it starts is stopped by its
-handle, also on Ctrl-C and errors.
+memory per idle watch.
+
+Each combination is one row: direct once, then --rounds short rounds of --duration seconds in
+which bare mitmdump and the gateway run back to back (bare, gateway, gateway, bare, ...). Every
+round gives one gateway/bare ratio; the row reports their median, min-max and spread, and the
+CPU-per-request ratio beside it. A row whose ratios spread over more than 10 percentage points is
+flagged as too wide to judge: the machine's other load moved it more than the gateway did.
+
+Writes results/bench-<stamp>/ (report.md, results.json, PNG plots, logs) and results/latest.md,
+and prints the headline ratios. Everything it starts is stopped by its handle, also on Ctrl-C and
+errors.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from scripts.bench.upstream import (  # noqa: E402
 
 MODES = ("reverse", "regular")
 CONCURRENCY = (1, 10, 50)
+PAIR = ("bare", "gateway")
 PHASE_PAUSE = 0.3  # lets closed connections drain between phases
 PROFILE_RATE = 400  # samples/s; --nonblocking, so the proxy is never paused
 
@@ -165,7 +175,8 @@ class Bench:
                     run(self.target(name, mode), 2, seconds, keepalive, cpus=self.side_cpus)
         time.sleep(PHASE_PAUSE)
 
-    def phase(self, mode: str, keepalive: bool, connections: int, name: str) -> dict[str, Any]:
+    def phase(self, mode: str, keepalive: bool, connections: int, name: str,
+              round_index: int | None = None) -> dict[str, Any]:
         tool, run = self.generator(mode)
         proxy = self.proxies.get(name)
         nginx_stats = [ProcStat(pid) for pid in self.backends.nginx.worker_pids()]
@@ -175,7 +186,8 @@ class Bench:
             cpu_before = proxy.stat.cpu_seconds()
         result = run(self.target(name, mode), connections, self.args.duration, keepalive, cpus=self.side_cpus)
         row: dict[str, Any] = {
-            "mode": mode, "keepalive": keepalive, "connections": connections, "target": name, "tool": result.tool,
+            "mode": mode, "keepalive": keepalive, "connections": connections, "target": name, "round": round_index,
+            "tool": result.tool,
             "ok": result.ok, "errors": result.errors, "seconds": round(result.seconds, 3), "rps": result.rps,
             "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "note": result.note,
         }
@@ -190,21 +202,47 @@ class Bench:
         time.sleep(PHASE_PAUSE)
         return row
 
+    def row(self, mode: str, keepalive: bool, connections: int,
+            done: Callable[[dict[str, Any]], None] = lambda run: None) -> list[dict[str, Any]]:
+        """One headline row: direct once (the reference), then `--rounds` short rounds of bare mitmdump
+        and the gateway back to back. A shared machine's load drifts over seconds: short rounds put
+        both proxies under nearly the same load, so each round's ratio is fair, and the median of the
+        ratios ignores a round that a burst of other load spoiled. `done` sees each run as it ends."""
+        runs = []
+        for round_index in [None] + list(range(self.args.rounds)):
+            if round_index is None:
+                names: tuple[str, ...] = ("direct",)
+            else:
+                # Who goes first alternates (bare, gateway, gateway, bare, ...): drift within a row
+                # then favours neither, and each round's two runs stay next to each other.
+                names = PAIR if round_index % 2 == 0 else PAIR[::-1]
+            for name in names:
+                run = self.phase(mode, keepalive, connections, name, round_index)
+                runs.append(run)
+                done(run)
+        return runs
+
     def matrix(self) -> None:
         concurrency = self.args.concurrency
-        total = len(MODES) * 2 * len(concurrency) * 3
-        done = 0
+        total = len(MODES) * 2 * len(concurrency) * (1 + 2 * self.args.rounds)
+        count = 0
+
+        def progress(run: dict[str, Any]) -> None:
+            nonlocal count
+            count += 1
+            where = "" if run["round"] is None else f" round {run['round'] + 1}"
+            self.log(f"bench: [{count:3}/{total}] {run['mode']:<7} {'keep-alive' if run['keepalive'] else 'new-conn':<10} "
+                     f"c={run['connections']:<3} {run['target']:<8}{where:<9} {run['rps']:9.1f} req/s  "
+                     f"p50 {run['p50_ms']:7.2f} ms  p99 {run['p99_ms']:7.2f} ms"
+                     + (f"  errors {run['errors']}" if run["errors"] else ""))
+
         for mode in MODES:
             for keepalive in (True, False):
                 for connections in concurrency:
-                    # The three targets back to back: drift in the machine's load hits them alike.
-                    for name in ("direct", "bare", "gateway"):
-                        row = self.phase(mode, keepalive, connections, name)
-                        self.runs.append(row)
-                        done += 1
-                        self.log(f"bench: [{done:2}/{total}] {mode:<7} {'keep-alive' if keepalive else 'new-conn':<10} "
-                                 f"c={connections:<3} {name:<8} {row['rps']:9.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-                                 f"p99 {row['p99_ms']:7.2f} ms" + (f"  errors {row['errors']}" if row["errors"] else ""))
+                    runs = self.row(mode, keepalive, connections, progress)
+                    self.runs += runs
+                    for line in report.headline({"runs": runs}):
+                        self.log("bench:" + report.headline_line(line))
 
     def start_counting(self) -> None:
         """Steady state starts here: calls to the IdP and STS from now on should not happen."""
@@ -422,6 +460,7 @@ def run_meta(args: argparse.Namespace, started: datetime.datetime, loadavg: tupl
     return {
         "started": started.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "loadavg": " / ".join(f"{x:.2f}" for x in loadavg), "quick": args.quick, "duration": args.duration,
+        "rounds": args.rounds,
         "pinning": pinning, "elapsed": elapsed, "versions": tool_versions(),
         "noisy_note": (f"The machine was busy when this ran (load average {loadavg[0]:.2f} on {os.cpu_count()} CPUs): "
                        "treat the numbers as noisy and re-run on a quiet machine.") if busy else "",
@@ -442,10 +481,15 @@ def run_meta(args: argparse.Namespace, started: datetime.datetime, loadavg: tupl
             "Access: before measuring, the benchmark user asks for grants through the gateway's access API, as the "
             "CLI does (pods: a rule that approves at once; Secrets: a rule that needs a reviewer, who approves with "
             "a second identity), so every measured call passes the full chain with a real grant lookup.",
+            f"Rounds: each row runs direct once, then {args.rounds} rounds of {args.duration} s in which bare mitmdump "
+            "and the gateway run back to back, the order alternating (bare first in odd rounds, gateway first in even "
+            "ones). Each round gives one throughput ratio and one CPU-per-request ratio; the headline shows their "
+            f"medians and min–max, and flags rows whose throughput ratios spread over {report.SPREAD_LIMIT_POINTS} "
+            "points. Per-target figures are medians over the rounds.",
             "CPU s / 1k req: utime+stime of the proxy process (/proc/<pid>/stat) over the phase, per 1,000 answered "
-            "requests. Peak RSS: VmHWM, reset to the current RSS before each phase (clear_refs); memory a Python "
-            "process has touched is rarely returned, so later rows carry the high-water mark of earlier ones "
-            "(order: reverse before regular, keep-alive before new connections, 1 before 50).",
+            "requests. Peak RSS: VmHWM, reset to the current RSS before each phase (clear_refs), highest of the rounds; "
+            "memory a Python process has touched is rarely returned, so later rows carry the high-water mark of "
+            "earlier ones (order: reverse before regular, keep-alive before new connections, 1 before 50).",
             "Steady state: OIDC calls are lines in nginx's access log of the issuer, STS calls are AssumeRole calls "
             "recorded by moto_server, both counted from the end of warm-up to the end of the load matrix.",
         ],
@@ -455,8 +499,12 @@ def run_meta(args: argparse.Namespace, started: datetime.datetime, loadavg: tupl
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help="about a minute: 2 s phases, concurrency 10, smaller curves")
-    parser.add_argument("--duration", type=int, help="seconds per load phase (default 6, quick 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a minute or two: concurrency 10, 3 rounds, smaller curves")
+    parser.add_argument("--duration", type=int, help="seconds per target and round (default 2)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds of bare mitmdump and the gateway per row; the report gives the median "
+                             "ratio and its spread (default 5, quick 3; at least 2 for a spread)")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")),
                         help="comma-separated connection counts (default 1,10,50; quick 10)")
     parser.add_argument("--profile", action="store_true", help="profile the gateway with py-spy (flame graph + summary)")
@@ -467,7 +515,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-curves", action="store_true", help="only the side-by-side load matrix")
     parser.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default: results/)")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (2 if args.quick else 6)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.duration = args.duration or 2
     args.concurrency = args.concurrency or ((10,) if args.quick else CONCURRENCY)
     return args
 
