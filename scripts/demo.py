@@ -1,16 +1,26 @@
 """The quick-start demo: a local stand-in cluster, a real OIDC provider and the gateway in front.
 
-    scripts/quickstart              # run until Ctrl-C
-    scripts/quickstart --no-wait    # set up, show kubectl working through the gateway, stop
+    scripts/quickstart                      # run until Ctrl-C
+    scripts/quickstart --no-wait            # set up, show kubectl working through the gateway, stop
+    scripts/quickstart --state /tmp/demo2   # a second, independent demo beside a running one
 
 Everything it makes lives in state/demo/ (certificates, the cluster token only the gateway reads,
-kubeconfigs for alice and the reviewers bob and carol, the grant store) and state/audit.log; the gateway's CA is made in certs/ on first start. The ports are
-the ones policies/demo.yaml names.
+kubeconfigs for alice and the reviewers bob and carol, the grant store) and state/audit.log; the
+gateway's CA is made in certs/ on first start. With `--state DIR` all of it, the gateway's CA too,
+lives under DIR instead, and the clone's state/ and certs/ are not touched. One quick start at a
+time uses a state folder (a second one is refused, never clobbers it).
+
+The ports are the ones policies/demo.yaml names (and 18080, 17443 for the gateway); when one is
+taken, or with `--ports auto`, free ports are used. With other ports or another folder the gateway
+runs a copy of policies/demo.yaml with them (state/demo/policy.yaml); the kubeconfigs it writes
+always name the ports in use.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -22,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,15 +43,88 @@ from testkit.net import TestCA, stop, wait_for_port  # noqa: E402
 from testkit.oidc_provider import OIDCProviderProcess  # noqa: E402
 
 POLICY = REPO / "policies" / "demo.yaml"
-STATE = REPO / "state" / "demo"
-PORTS = {"stand-in cluster": 16443, "OIDC provider": 16600, "gateway (regular mode)": 18080, "gateway (reverse mode)": 17443}
+DEFAULT_STATE = REPO / "state"
+DEFAULT_CERTS = REPO / "certs"
+STANDIN, IDP, REGULAR, REVERSE = "stand-in cluster", "OIDC provider", "gateway (regular mode)", "gateway (reverse mode)"
+DEMO_PORTS = {STANDIN: 16443, IDP: 16600, REGULAR: 18080, REVERSE: 17443}
 ENDPOINT = "https://api.demo.jitgate.test:443"
 BIN = Path(sys.executable).parent
 
 
-def port_in_use(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now (bound the way servers bind)."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(names: list[str]) -> dict[str, int]:
+    # Hold every socket until all are chosen, so no two names get the same port.
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in names]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+
+
+def choose_ports(mode: str) -> dict[str, int]:
+    if mode == "demo":
+        busy = [f"{name} {port}" for name, port in DEMO_PORTS.items() if not port_free(port)]
+        if not busy:
+            return dict(DEMO_PORTS)
+        print(f"quickstart: already in use: {', '.join(busy)}; using free ports instead", file=sys.stderr)
+    return free_ports(list(DEMO_PORTS))
+
+
+def lock_state(root: Path) -> IO[str] | None:
+    """Hold the state folder for this run (released when the process ends, however it ends);
+    None when another quick start holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle = (root / ".quickstart.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        print(f"quickstart: another quick start (pid {holder or '?'}) is using {shown(root)}; stop it (Ctrl-C), "
+              "or give this one a folder of its own: --state DIR", file=sys.stderr)
+        return None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def write_policy(state: Path, demo: Path, ports: dict[str, int]) -> Path:
+    """policies/demo.yaml as it is when the demo runs with its own ports and folder; otherwise a
+    copy beside the demo's files with this run's ports and paths."""
+    if state == DEFAULT_STATE and ports == DEMO_PORTS:
+        return POLICY
+    text = POLICY.read_text()
+    for old, new in ((f"connect: 127.0.0.1:{DEMO_PORTS[STANDIN]}", f"connect: 127.0.0.1:{ports[STANDIN]}"),
+                     (f"issuer: https://127.0.0.1:{DEMO_PORTS[IDP]}", f"issuer: https://127.0.0.1:{ports[IDP]}"),
+                     ("../state/demo/", "")):  # relative to the copy's folder, state/demo/ itself
+        if old not in text:
+            raise SystemExit(f"quickstart: {POLICY} no longer contains {old!r}; update scripts/demo.py to match")
+        text = text.replace(old, new)
+    text = text.replace("$schema=../", f"$schema={REPO}/")  # the editor's schema, if the policy names one
+    path = demo / "policy.yaml"
+    path.write_text("# Written by scripts/quickstart from policies/demo.yaml with this run's ports and folder;\n"
+                    "# rewritten at every start (edit policies/demo.yaml instead).\n" + text)
+    return path
+
+
+def shown(path: Path) -> str:
+    """A path as the user types it: relative to where they ran the quick start, when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def main() -> int:
@@ -48,23 +132,33 @@ def main() -> int:
     parser.add_argument("--no-wait", action="store_true", help="stop after showing kubectl working through the gateway")
     parser.add_argument("--user", default="alice", help="demo user (default: alice)")
     parser.add_argument("--groups", default="developers,sre", help="comma-separated groups (default: developers,sre)")
+    parser.add_argument("--state", type=Path, metavar="DIR",
+                        help="folder for everything the demo makes, the gateway's CA included "
+                             "(default: state/ in the clone, with the CA in certs/)")
+    parser.add_argument("--ports", choices=("demo", "auto"), default="demo",
+                        help="demo (default): the demo policy's ports, or free ones when any is taken; auto: free ports")
     args = parser.parse_args()
 
-    busy = [f"{name} port {port}" for name, port in PORTS.items() if port_in_use(port)]
-    if busy:
-        print(f"quickstart: already in use: {', '.join(busy)} (is another quickstart running?)", file=sys.stderr)
+    state = args.state.resolve() if args.state else DEFAULT_STATE
+    certs = DEFAULT_CERTS if state == DEFAULT_STATE else state / "certs"
+    demo, audit_log = state / "demo", state / "audit.log"
+    lock = lock_state(state)
+    if lock is None:
         return 2
+    ports = choose_ports(args.ports)
 
-    shutil.rmtree(STATE, ignore_errors=True)
-    STATE.mkdir(parents=True, mode=0o700)
-    ca = TestCA.create(STATE)  # state/demo/ca.pem: signs the stand-in's and the provider's certificates
-    cluster_token = STATE / "cluster-token"
+    shutil.rmtree(demo, ignore_errors=True)
+    demo.mkdir(parents=True, mode=0o700)
+    policy = write_policy(state, demo, ports)
+    ca = TestCA.create(demo)  # demo/ca.pem: signs the stand-in's and the provider's certificates
+    cluster_token = demo / "cluster-token"
     cluster_token.write_text(secrets.token_urlsafe(32))
     cluster_token.chmod(0o600)
     cert, key = ca.issue("standin", ["127.0.0.1", "localhost", "api.demo.jitgate.test"])
+    gateway_log_path = demo / "gateway.log"
 
     procs: list[subprocess.Popen] = []
-    idp = OIDCProviderProcess(STATE / "idp")
+    idp = OIDCProviderProcess(demo / "idp")
 
     def shutdown(*_: object) -> None:
         for proc in reversed(procs):
@@ -73,46 +167,48 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        standin_log = (STATE / "standin.log").open("wb")
+        standin_log = (demo / "standin.log").open("wb")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "testkit.standin", "--port", str(PORTS["stand-in cluster"]), "--cert", str(cert),
+            [sys.executable, "-m", "testkit.standin", "--port", str(ports[STANDIN]), "--cert", str(cert),
              "--key", str(key), "--token-file", str(cluster_token)],
             stdout=standin_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO))
-        idp.start(ca, port=PORTS["OIDC provider"])
-        wait_for_port(PORTS["stand-in cluster"], procs[0])
+        idp.start(ca, port=ports[IDP])
+        wait_for_port(ports[STANDIN], procs[0])
 
-        (REPO / "state").mkdir(exist_ok=True)
-        gateway_log = (STATE / "gateway.log").open("wb")
+        gateway_log = gateway_log_path.open("wb")
         gateway = subprocess.Popen(
-            [str(BIN / "mitmdump"), "-s", str(REPO / "addons/gateway.py"), "--set", f"policy={POLICY}",
-             "--set", f"confdir={REPO / 'certs'}", "--set", f"audit_log={REPO / 'state/audit.log'}",
-             "--set", f"grant_store={STATE / 'jitgate.db'}",
-             "--mode", f"regular@127.0.0.1:{PORTS['gateway (regular mode)']}",
-             "--mode", f"reverse:{ENDPOINT}@127.0.0.1:{PORTS['gateway (reverse mode)']}"],
+            [str(BIN / "mitmdump"), "-s", str(REPO / "addons/gateway.py"), "--set", f"policy={policy}",
+             "--set", f"confdir={certs}", "--set", f"audit_log={audit_log}",
+             "--set", f"grant_store={demo / 'jitgate.db'}",
+             "--mode", f"regular@127.0.0.1:{ports[REGULAR]}",
+             "--mode", f"reverse:{ENDPOINT}@127.0.0.1:{ports[REVERSE]}"],
             cwd=REPO, stdout=gateway_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(gateway)
-        wait_for_port(PORTS["gateway (regular mode)"], gateway, timeout=30)
-        wait_for_port(PORTS["gateway (reverse mode)"], gateway, timeout=30)
+        wait_for_port(ports[REGULAR], gateway, timeout=30)
+        wait_for_port(ports[REVERSE], gateway, timeout=30)
+        print(f"quickstart: stand-in cluster on 127.0.0.1:{ports[STANDIN]}, OIDC provider on 127.0.0.1:{ports[IDP]}, "
+              f"gateway on 127.0.0.1:{ports[REGULAR]} (regular mode) and 127.0.0.1:{ports[REVERSE]} (reverse mode); "
+              f"files in {shown(state)}/")
 
-        cluster = load_policy(POLICY).by_name["demo"]
-        gateway_ca = (REPO / "certs/mitmproxy-ca-cert.pem").read_bytes()
-        reverse_url = f"https://127.0.0.1:{PORTS['gateway (reverse mode)']}"
+        cluster = load_policy(policy).by_name["demo"]
+        gateway_ca = (certs / "mitmproxy-ca-cert.pem").read_bytes()
+        reverse_url = f"https://127.0.0.1:{ports[REVERSE]}"
         users = {args.user: args.groups.split(","), "bob": ["sre"], "carol": ["sre"]}
         for name, groups in users.items():
             email = f"{name}@example.com"
             tokens = kubeconfig.TokenSource(token=idp.token(name, email=email, email_verified=True, groups=groups))
             kubeconfig.write(kubeconfig.build_kubeconfig(cluster, email, gateway_ca, tokens, server_url=reverse_url),
-                             STATE / f"kubeconfig-{name}")
+                             demo / f"kubeconfig-{name}")
             if name == args.user:
                 kubeconfig.write(kubeconfig.build_kubeconfig(
-                    cluster, email, gateway_ca, tokens, proxy_url=f"http://127.0.0.1:{PORTS['gateway (regular mode)']}"),
-                    STATE / "kubeconfig-proxy")
+                    cluster, email, gateway_ca, tokens, proxy_url=f"http://127.0.0.1:{ports[REGULAR]}"),
+                    demo / "kubeconfig-proxy")
         email = f"{args.user}@example.com"
 
         def run(*argv: str, user: str = args.user) -> subprocess.CompletedProcess:
-            env = {**os.environ, "KUBECONFIG": str(STATE / f"kubeconfig-{user}"), "KUBECACHEDIR": str(STATE / "kube-cache" / user)}
-            shown = shlex.join(argv)
-            print(f"\n$ {shown}" + (f"      # as {user}" if user != args.user else ""))
+            env = {**os.environ, "KUBECONFIG": str(demo / f"kubeconfig-{user}"), "KUBECACHEDIR": str(demo / "kube-cache" / user)}
+            shown_argv = shlex.join(argv)
+            print(f"\n$ {shown_argv}" + (f"      # as {user}" if user != args.user else ""))
             result = subprocess.run([str(BIN / argv[0]), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
             print((result.stdout + result.stderr).rstrip())
             return result
@@ -122,20 +218,21 @@ def main() -> int:
         granted = run("jitgate", "request", "--cluster", "demo", "--namespace", "dev", "--resource", "pods",
                       "--verb", "get", "--verb", "list", "--verb", "watch", "--duration", "1h", "--reason", "quick start")
         result = run("kubectl", "get", "pods", "-n", "dev")
-        audit_lines = (REPO / "state/audit.log").read_text().splitlines()
-        last = json.loads(audit_lines[-1])
-        print(f"\nlast audit event (state/audit.log): {last['verb']} {last['requestURI']} by {last['user']['username']} "
+        last = json.loads(audit_log.read_text().splitlines()[-1])
+        print(f"\nlast audit event ({shown(audit_log)}): {last['verb']} {last['requestURI']} by {last['user']['username']} "
               f"-> {last['responseStatus']['code']} ({last['annotations'].get('jitgate.dev/decision')}, "
               f"grant {last['annotations'].get('jitgate.dev/grant')})")
-        if refused.returncode == 0 or granted.returncode != 0 or result.returncode != 0:
-            print("quickstart: the demo did not go as expected; see state/demo/gateway.log", file=sys.stderr)
+        if refused.returncode != 0 and granted.returncode == 0 and result.returncode == 0:
+            print(instructions(args.user, demo, audit_log))
+        else:
+            print(f"quickstart: the demo did not go as expected; see {shown(gateway_log_path)}", file=sys.stderr)
             return 1
-        print(textwrap_instructions(email))
+        sys.stdout.flush()
         if args.no_wait:
             return 0
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
-        print("quickstart: a process ended; see state/demo/*.log", file=sys.stderr)
+        print(f"quickstart: a process ended; see {shown(demo)}/*.log", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -143,28 +240,40 @@ def main() -> int:
         shutdown()
 
 
-def textwrap_instructions(email: str) -> str:
-    user = email.split("@")[0]
+def instructions(user: str, demo: Path, audit_log: Path) -> str:
+    def typed(path: Path) -> str:  # for `export`: an absolute path, written short from the clone
+        text = shown(path)
+        return text if Path(text).is_absolute() else f"$PWD/{text}"
+
+    bob, carol = shown(demo / "kubeconfig-bob"), shown(demo / "kubeconfig-carol")
+    width = max(len(bob), len(carol))
+
+    def as_(config: str, command: str) -> str:
+        return f"KUBECONFIG={config:<{width}} {command}"
+
+    def noted(command: str, note: str) -> str:
+        return f"{command:<55} # {note}"
+
     return f"""
 jitgate is running in front of the demo cluster (Ctrl-C stops everything). In another terminal:
 
-    export PATH=$PWD/.venv/bin:$PATH                        # kubectl and jitgate from the venv
-    export KUBECONFIG=$PWD/state/demo/kubeconfig-{user}     # or kubeconfig-proxy (regular mode)
-    kubectl get pods -n dev -w                              # granted above
+    {noted(f"export PATH={typed(BIN)}:$PATH", "kubectl and jitgate from the venv")}
+    {noted(f"export KUBECONFIG={typed(demo / f'kubeconfig-{user}')}", "or kubeconfig-proxy (regular mode)")}
+    {noted("kubectl get pods -n dev -w", "granted above")}
 
     # exec in prod needs two SREs (never the requester):
     jitgate request --cluster demo --namespace prod --resource pods --resource pods/exec \\
         --verb get --verb create --duration 30m --reason "look at the api pod"
-    KUBECONFIG=state/demo/kubeconfig-bob   jitgate list --reviewable
-    KUBECONFIG=state/demo/kubeconfig-bob   jitgate approve <request id>
-    KUBECONFIG=state/demo/kubeconfig-carol jitgate approve <request id>
+    {as_(bob, "jitgate list --reviewable")}
+    {as_(bob, "jitgate approve <request id>")}
+    {as_(carol, "jitgate approve <request id>")}
     kubectl exec -n prod api -- cat /etc/hostname
-    KUBECONFIG=state/demo/kubeconfig-bob   jitgate revoke <grant id> --reason "done"   # ends live sessions
+    {as_(bob, 'jitgate revoke <grant id> --reason "done"')}   # ends live sessions
     jitgate whoami
-    tail -f state/audit.log
+    tail -f {shown(audit_log)}
 
-The gateway alone holds the cluster token (state/demo/cluster-token) and tells the cluster who you
-are with impersonation headers. Grants live in state/demo/jitgate.db.
+The gateway alone holds the cluster token ({shown(demo / "cluster-token")}) and tells the cluster who you
+are with impersonation headers. Grants live in {shown(demo / "jitgate.db")}.
 """
 
 

@@ -1,12 +1,15 @@
 """The access HTTP API handler over a real SQLite store and rules parsed from policy YAML: every
 route, every refusal (with nothing changed in the store), visibility, failing closed, webhook
-notifications to a real HTTPS receiver, and docs/openapi.yaml checked against the router and
-against every answer the handler gives in these tests."""
+notifications to a real HTTPS receiver, and docs/openapi.yaml checked against the code that serves
+it: the same routes, and for each route the query values, body fields (with their required-ness and
+types) and statuses the handler accepts and gives, found by probing it; every answer in these tests
+has the documented shape."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import ssl
 import textwrap
@@ -14,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
@@ -21,10 +25,13 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from ruamel.yaml import YAML
 
+from jitgate.access.model import RequestState
 from jitgate.access.rules import AccessRule
 from jitgate.api.access_api import (
     API_PREFIX,
+    DEFAULT_LIMIT,
     MAX_BODY,
+    MAX_LIMIT,
     ROUTES,
     AccessAPI,
     Route,
@@ -190,16 +197,7 @@ G = API_PREFIX + "grants"
 def test_openapi_document_describes_exactly_the_routes() -> None:
     validate_spec(DOC)
     documented = {(method.upper(), path) for path, item in DOC["paths"].items() for method in item if method != "parameters"}
-    assert documented == {(r.method, r.path) for r in ROUTES}
-    for route in ROUTES:
-        operation = DOC["paths"][route.path][route.method.lower()]
-        query = {_resolve(p)["name"] for p in operation.get("parameters", ()) if _resolve(p)["in"] == "query"}
-        assert query == route.query, route
-        if route.body is None:
-            assert "requestBody" not in operation, route
-        else:
-            schema = _resolve(operation["requestBody"]["content"]["application/json"]["schema"])
-            assert set(schema["properties"]) == route.body and schema["additionalProperties"] is False, route
+    assert documented == {(r.method, r.path) for r in ROUTES}  # query parameters and bodies: below
 
 
 def test_every_documented_path_is_routed(h: Harness) -> None:
@@ -208,6 +206,214 @@ def test_every_documented_path_is_routed(h: Harness) -> None:
             concrete = path.replace("{id}", "req-nothere0" if "/requests/" in path else "grant-nothere")
             code, answer = h.call(method.upper(), concrete, {"reason": "r"} if method == "post" else None)
             assert code not in (405, 500) and "not a path" not in answer.get("message", ""), (method, path, answer)
+
+
+# -- the document checked against the handler that serves it --------------------------------------
+# Not a second hand-written list: each check below asks the handler itself (fresh store per probe)
+# and compares its answers with docs/openapi.yaml, so a change on either side alone fails here.
+
+SANDBOX_BODY = {"cluster": "dev", "namespaces": ["sandbox"], "cluster_wide": False, "resources": ["pods"], "verbs": ["get"],
+                "duration": "1h", "reason": "probe", "rule": "sandbox"}
+# Refusals of the body's shape (the handler's own parsing), as opposed to the policy's refusals.
+SHAPE_REFUSAL = re.compile(r"field '[^']+' (is required|must be|appears)|field '[^']+': |unknown field|the request body|takes no request body")
+WITNESSES: tuple[Any, ...] = (None, 7, 0, -1, "x", "", "1h", "3600", True, False, [], ["x"], ["get"], [7], {"a": 1})
+QUERY_WITNESSES = ("", "bogus", "0", "1", "-1", "1000", "1001", "true", "false", "mine", "reviewable", "all",
+                   "pending", "pending,approved", "pending,granted", "approved,denied,expired,cancelled")
+
+
+def operation(route: Route) -> dict:
+    return DOC["paths"][route.path][route.method.lower()]
+
+
+def schema_valid(schema: dict, value: Any) -> bool:
+    return OAS31Validator({**_resolve(schema), "components": DOC["components"]}).is_valid(value)
+
+
+class Probe:
+    """Fresh stores for probing one route: state set up by `scenario`, replaced after any call
+    that changed something (refusals change nothing, so they share one)."""
+
+    def __init__(self, tmp_path: Path, rules, route: Route) -> None:
+        self.tmp_path, self.rules, self.route = tmp_path, rules, route
+        self.made = 0
+        self.stores: list[SQLiteStore] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.made += 1
+        db = self.tmp_path / f"probe-{self.route.action}-{self.made}" / "grants.db"
+        self.stores.append(SQLiteStore(db))
+        self.h = Harness(self.stores[-1], self.rules, db)
+        self.target, self.who, self.body = scenario(self.h, self.route)
+
+    def call(self, body: Any = None, *, target: str | None = None, who: Identity | None | str = "scenario",
+             raw: bytes | None = None, content_type: str | None = "application/json", keep: bool = False) -> tuple[int, dict]:
+        who = self.who if who == "scenario" else who
+        code, answer = self.h.call(self.route.method, target or self.target, body, who, raw=raw, content_type=content_type)
+        if code < 400 and self.route.method != "GET" and not keep:  # it changed something
+            self._reset()
+        return code, answer
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+def scenario(h: Harness, route: Route) -> tuple[str, Identity, dict | None]:
+    """Set up a store in which one call of `route` succeeds, and give that call: (target, caller,
+    body with every field the route takes). List routes get data on which every query value differs."""
+    def pending() -> str:  # erin's, under dev-read: bob and carol review it
+        return h.ok("POST", R, DEV_PODS, expect=201)["id"]
+
+    def sandbox_grant() -> str:
+        return h.ok("POST", R, SANDBOX_BODY, expect=201)["grant"]["id"]
+
+    match route.method, route.template:
+        case "GET", "whoami":
+            sandbox_grant()
+            return API_PREFIX + "whoami", ERIN, None
+        case "GET", "requests":
+            pending()
+            h.ok("POST", R, {"cluster": "prod", "namespaces": ["payments"], "resources": ["pods"], "verbs": ["get"]}, who=BOB,
+                 expect=201)  # bob's own, reviewed by carol
+            return R, BOB, None
+        case "POST", "requests":
+            return R, ERIN, dict(SANDBOX_BODY)
+        case "GET", "requests/{id}":
+            return f"{R}/{pending()}", ERIN, None
+        case "POST", "requests/{id}/approve":
+            return f"{R}/{pending()}/approve", BOB, {"reason": "seen"}
+        case "POST", "requests/{id}/deny":
+            return f"{R}/{pending()}/deny", CAROL, {"reason": "not now"}
+        case "POST", "requests/{id}/cancel":
+            return f"{R}/{pending()}/cancel", ERIN, {"reason": "wrong namespace"}
+        case "GET", "grants":
+            rid = pending()
+            h.ok("POST", f"{R}/{rid}/approve", None, who=BOB)
+            h.ok("POST", f"{R}/{rid}/approve", None, who=CAROL)  # erin's grant, under a rule bob reviews
+            own = h.ok("POST", R, {"cluster": "prod", "namespaces": ["payments"], "resources": ["pods"], "verbs": ["get"]},
+                       who=BOB, expect=201)["id"]
+            gid = h.ok("POST", f"{R}/{own}/approve", None, who=CAROL)["grant"]["id"]
+            h.ok("POST", f"{G}/{gid}/revoke", {"reason": "done"}, who=BOB)  # bob's, no longer active
+            return G, BOB, None
+        case "GET", "grants/{id}":
+            return f"{G}/{sandbox_grant()}", ERIN, None
+        case "POST", "grants/{id}/revoke":
+            return f"{G}/{sandbox_grant()}/revoke", ERIN, {"reason": "done"}
+    raise AssertionError(f"no probe scenario for {route.method} {route.path}: add one here")
+
+
+class Exploding:
+    """A store with a bug: every method raises something unexpected."""
+
+    def __getattr__(self, name: str):
+        def fail(*args, **kwargs):
+            raise RuntimeError("a bug")
+        return fail
+
+
+@pytest.fixture
+def probes(tmp_path: Path, rules):
+    made: list[Probe] = []
+
+    def make(route: Route) -> Probe:
+        made.append(Probe(tmp_path, rules, route))
+        return made[-1]
+
+    yield make
+    for probe in made:
+        probe.close()
+
+
+def statuses_given(probe: Probe) -> set[int]:
+    """Every status the handler gives for this route, from one call per way an answer can arise."""
+    route = probe.route
+    seen = {probe.call(probe.body, keep=True)[0], probe.call(probe.body)[0]}  # succeeds; then again (already decided?)
+    seen.add(probe.call(probe.body, who=None)[0])  # no token
+    seen.add(probe.call(probe.body, who=Identity("system:admin", (), "https://idp.example.com", "x", T0 + 60))[0])
+    seen.add(probe.call(probe.body, target=probe.target + "?nosuch=1")[0])  # a query the route does not take
+    seen.add(probe.call(raw=b'{"reason": "' + b"x" * MAX_BODY + b'"}')[0])  # too large, on any route
+    if route.body is not None:
+        seen.add(probe.call(raw=json.dumps(probe.body).encode(), content_type="text/plain")[0])
+    if "{id}" in route.template:
+        segments = probe.target.removeprefix(API_PREFIX).split("/")
+        segments[1] = "req-nothere0" if segments[0] == "requests" else "grant-nothere"
+        seen.add(probe.call(probe.body, target=API_PREFIX + "/".join(segments))[0])
+    probe.h.api.store = Exploding()
+    seen.add(probe.call(probe.body)[0])
+    probe.h.store.close()
+    probe.h.api.store = probe.h.store
+    seen.add(probe.call(probe.body)[0])  # the store is gone: fail closed
+    return seen
+
+
+def test_documented_statuses_are_exactly_those_the_handler_gives(probes) -> None:
+    for route in ROUTES:
+        documented = {int(code) for code in operation(route)["responses"]}
+        assert statuses_given(probes(route)) == documented, f"{route.method} {route.path}"
+
+
+def test_documented_query_parameters_match_what_the_handler_accepts(probes) -> None:
+    assert DOC["components"]["parameters"]["limit"]["schema"] == {
+        "type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
+    for route in ROUTES:
+        params = [_resolve(p) for p in operation(route).get("parameters", ()) if _resolve(p)["in"] == "query"]
+        assert {p["name"] for p in params} == route.query, route
+        if not params:
+            continue
+        probe = probes(route)
+        for param in params:
+            name, schema = param["name"], param["schema"]
+            for text in QUERY_WITNESSES:
+                if schema.get("type") == "integer":
+                    value: Any = int(text) if re.fullmatch(r"-?[0-9]+", text) else text
+                elif schema.get("type") == "array":
+                    assert (param.get("style"), param.get("explode")) == ("form", False), param
+                    value = text.split(",")
+                else:
+                    value = text
+                code, answer = probe.call(target=f"{probe.target}?{urlencode({name: text})}")
+                assert (code != 400) == schema_valid(schema, value), (route.path, name, text, answer)
+            if "enum" in schema:
+                # The values the handler names when refusing one are the documented ones...
+                message = probe.call(target=f"{probe.target}?{name}=bogus")[1]["message"]
+                assert re.search(r"must be one of (.*), not", message).group(1).split(", ") == schema["enum"], message
+                # ...and leaving the parameter out is the documented default, on data where the values differ.
+                answers = {v: probe.call(target=f"{probe.target}?{name}={v}")[1] for v in schema["enum"]}
+                assert probe.call()[1] == answers[schema["default"]], (route.path, name)
+                assert len({json.dumps(a, sort_keys=True) for a in answers.values()}) == len(answers), (route.path, name)
+            if schema.get("type") == "array":
+                assert set(schema["items"]["enum"]) == {str(s) for s in RequestState}
+
+
+def test_documented_request_bodies_match_what_the_handler_accepts(probes) -> None:
+    for route in ROUTES:
+        op = operation(route)
+        if route.body is None:
+            assert "requestBody" not in op, route
+            continue
+        schema = op["requestBody"]["content"]["application/json"]["schema"]
+        assert set(_resolve(schema)["properties"]) == route.body and _resolve(schema)["additionalProperties"] is False
+        probe = probes(route)
+        assert set(probe.body) == route.body, "the scenario's call must carry every field the route takes"
+        assert schema_valid(schema, probe.body) and probe.call(probe.body)[0] < 300
+        # No body at all: refused exactly when the document says a body is required.
+        code, answer = probe.call(raw=b"")
+        assert (code < 300) == (not op["requestBody"].get("required", False)), (route.path, answer)
+        for field in sorted(route.body):
+            # Left out: refused exactly when the document says it is required (or the rest needs it).
+            without = {k: v for k, v in probe.body.items() if k != field}
+            code, answer = probe.call(without)
+            assert (code < 300) == schema_valid(schema, without), (route.path, field, answer)
+            # Any value: one the document allows is never refused for its shape, and one it does not
+            # allow is refused (by the handler's parsing, or by the policy's checks).
+            for value in WITNESSES:
+                body = {**probe.body, field: value}
+                code, answer = probe.call(body)
+                if schema_valid(schema, body):
+                    assert not (code == 400 and SHAPE_REFUSAL.match(answer["message"])), (route.path, field, value, answer)
+                else:
+                    assert code == 400, (route.path, field, value, answer)
 
 
 def test_routing_and_authentication(h: Harness) -> None:

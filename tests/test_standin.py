@@ -235,13 +235,12 @@ def test_watch_sees_create_from_another_client(api, kubeconfig):
     try:
         reader = LineReader(proc.stdout)
         reader.wait_for("nginx", 10)
-        time.sleep(0.3)  # let kubectl move from its list to its watch
-        created_at = time.monotonic()
+        # Created after kubectl printed its list: only the watch, still open, can deliver it (from
+        # the list's resourceVersion, so it does not matter whether kubectl is watching yet).
         code, body = api.json("POST", "/api/v1/namespaces/default/pods", {
             "metadata": {"name": "watched"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
         assert code == 201, body
-        line = reader.wait_for("watched", 3)
-        assert time.monotonic() - created_at < 1.0
+        line = reader.wait_for("watched", 10)
         assert line.split()[:3] == ["watched", "1/1", "Running"]
         assert api.json("DELETE", "/api/v1/namespaces/default/pods/watched")[0] == 200
         assert "Terminating" in reader.wait_for("watched", 3)
@@ -616,9 +615,10 @@ def test_followed_log_ends_with_its_pod(api):
     with urllib.request.urlopen(req, context=api.ssl_context(), timeout=10) as resp:
         assert b"heartbeat 1" in resp.readline()
         assert api.json("DELETE", f"{path}/short-lived")[0] == 200
-        started = time.monotonic()
-        resp.read()  # returns only when the server ends the stream
-    assert time.monotonic() - started < 2
+        ended = threading.Event()
+        threading.Thread(target=lambda: (resp.read(), ended.set()), daemon=True).start()
+        # read() returns only when the server ends the stream; otherwise heartbeats go on forever.
+        assert ended.wait(10)
 
 
 def test_token_file_keeps_the_token_off_the_command_line(ca, tmp_path):

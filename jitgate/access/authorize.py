@@ -77,7 +77,7 @@ DISCOVERY_ALLOWED = CallDecision(True, None, "discovery is allowed for any authe
 
 
 def authorize_call(grants: Iterable[Grant], cluster: str, info: RequestInfo, now: float) -> CallDecision:
-    """The first of `grants` (the caller's, from `Store.active_grants_for`) that allows the call."""
+    """The first of `grants` (the caller's, from `SQLiteStore.active_grants_for`) that allows the call."""
     if is_discovery(info):
         return DISCOVERY_ALLOWED
     if not info.is_resource_request:

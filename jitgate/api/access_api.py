@@ -6,10 +6,11 @@ request handler: method, target, body and the already verified identity in, an H
 JSON-able dict out. It is synchronous and may block briefly on the store, so an event loop calls
 it from a thread (addons/access_api.py).
 
-Every change goes through the `Store`, one transaction each; the handler only reads, validates and
-reports. Errors are `metav1.Status` objects, as everywhere else in the gateway. What a caller can
-see: their own requests and grants, and those under access rules they review. Anything else is
-answered exactly like an id that does not exist, so ids of other people's requests do not leak.
+Every change goes through the grant store (`SQLiteStore`), one transaction each; the handler only
+reads, validates and reports. Errors are `metav1.Status` objects, as everywhere else in the
+gateway. What a caller can see: their own requests and grants, and those under access rules they
+review. Anything else is answered exactly like an id that does not exist, so ids of other people's
+requests do not leak.
 
 docs/openapi.yaml describes every route here (a test keeps the two in step).
 """
@@ -31,7 +32,7 @@ from jitgate.access.model import AccessRequest, Decision, Grant, Principal, Requ
 from jitgate.access.rules import AccessRule, rule_named, rules_for
 from jitgate.access.scope import Scope
 from jitgate.kube.status import REASONS, status
-from jitgate.store.sqlite import Store, StoreError
+from jitgate.store.sqlite import SQLiteStore, StoreError
 from jitgate.timefmt import parse_duration
 
 logger = logging.getLogger("jitgate.api.access_api")
@@ -135,7 +136,7 @@ class ApiCall:
 class AccessAPI:
     def __init__(
         self,
-        store: Store,
+        store: SQLiteStore,  # or anything with its public methods (the service's current store)
         rules_provider: Callable[[], Sequence[AccessRule]],
         notifier: Notifications | None = None,
         now: Callable[[], float] = time.time,

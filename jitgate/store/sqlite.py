@@ -1,11 +1,14 @@
 """Durable access requests, reviews, grants and their history.
 
-`Store` is the interface the gateway, the HTTP API and the CLI use; `SQLiteStore` is the embedded
-default, a file in the gateway's state directory that several processes (the gateway, a CLI)
-use at once. Every state change is one transaction that reads the current state, lets
-`jitgate.access` decide, and writes the outcome, so two reviewers approving at the same moment in
-two processes produce exactly one grant. A PostgreSQL backend implements the same methods with
-the same transactions (`SELECT ... FOR UPDATE` where SQLite takes its write lock up front).
+`SQLiteStore` is what the gateway, the HTTP API and the CLI use: a file in the gateway's state
+directory that several processes (the gateway, a CLI) use at once. Every state change is one
+transaction that reads the current state, lets `jitgate.access` decide, and writes the outcome, so
+two reviewers approving at the same moment in two processes produce exactly one grant.
+
+A PostgreSQL backend (for several gateway replicas) implements the same public methods with the
+same transactions (`SELECT ... FOR UPDATE` where SQLite takes its write lock up front);
+tests/test_store.py is the contract it must pass. There is no abstract base class: with one
+implementation it would only repeat these signatures.
 
 The store fails closed: any database problem (locked for too long, corrupt, disk full, gone) is a
 `StoreError`, never an empty answer that could read as "no grants" or "nothing changed".
@@ -18,7 +21,6 @@ import json
 import os
 import sqlite3
 import threading
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,110 +73,6 @@ class SweepResult:
 
     def __bool__(self) -> bool:
         return bool(self.expired_requests or self.expired_grants)
-
-
-class Store(ABC):
-    """Requests, reviews, grants and events. Every method is atomic; times are injected (`now`,
-    seconds since the epoch); policy-dependent operations take the current `rules`, because
-    the policy may have changed since a request was made. Errors are `AccessError`s: the
-    workflow's own (400/403/404/409) or `StoreError` (503)."""
-
-    @abstractmethod
-    def create_request(
-        self,
-        rules: Sequence[AccessRule],
-        requester: Principal,
-        scope: Scope,
-        *,
-        now: float,
-        duration: int | None = None,
-        reason: str | None = None,
-        rule_name: str | None = None,
-    ) -> AccessRequest:
-        """File a request under the first rule that lets the requester ask for `scope` (or
-        `rule_name`). Mode immediate returns it approved, with its grant."""
-
-    @abstractmethod
-    def get_request(self, request_id: str) -> AccessRequest:
-        """The request with its reviews and grant; `NotFound` if there is none."""
-
-    @abstractmethod
-    def list_requests(
-        self,
-        *,
-        requester: str | None = None,
-        states: Iterable[RequestState | str] | None = None,
-        cluster: str | None = None,
-        limit: int = 200,
-    ) -> list[AccessRequest]:
-        """Newest first."""
-
-    @abstractmethod
-    def reviewable_requests(self, rules: Sequence[AccessRule], reviewer: Principal, *, now: float, limit: int = 200) -> list[AccessRequest]:
-        """Pending, unexpired requests `reviewer` may review and has not reviewed yet."""
-
-    @abstractmethod
-    def review(
-        self, rules: Sequence[AccessRule], request_id: str, reviewer: Principal, decision: Decision | str, reason: str | None, *, now: float
-    ) -> AccessRequest:
-        """Record an approval or a denial; returns the request after it (approved: with grant)."""
-
-    @abstractmethod
-    def cancel(self, request_id: str, actor: Principal, reason: str | None = None, *, now: float) -> AccessRequest:
-        """The requester withdraws a pending request."""
-
-    @abstractmethod
-    def revoke_grant(self, rules: Sequence[AccessRule], grant_id: str, actor: Principal, reason: str | None, *, now: float) -> Grant:
-        """End an active grant now (its holder, or a reviewer of its rule)."""
-
-    @abstractmethod
-    def get_grant(self, grant_id: str) -> Grant:
-        """`NotFound` if there is none."""
-
-    @abstractmethod
-    def list_grants(
-        self, *, username: str | None = None, cluster: str | None = None, active_at: float | None = None, limit: int = 200
-    ) -> list[Grant]:
-        """Newest first; `active_at` keeps those active at that time."""
-
-    @abstractmethod
-    def active_grants_for(self, username: str, cluster: str, now: float) -> tuple[Grant, ...]:
-        """The grants that may allow this person's calls on this cluster now: an index lookup."""
-
-    @abstractmethod
-    def sweep(self, *, now: float) -> SweepResult:
-        """Expire pending requests past their TTL and active grants past their end."""
-
-    @abstractmethod
-    def approve_due_auto(self, rules: Sequence[AccessRule], *, now: float) -> list[AccessRequest]:
-        """Approve the mode-auto requests whose delay has passed; returns the ones changed."""
-
-    @abstractmethod
-    def events_for(self, request_id: str) -> list[Event]:
-        """The history of one request (and its grant), oldest first."""
-
-    @abstractmethod
-    def events_since(self, after_id: int = 0, limit: int = 1000) -> list[Event]:
-        """Events with an id above `after_id`, oldest first: a cursor for notifiers and for
-        ending sessions of grants revoked by another process."""
-
-    @abstractmethod
-    def last_event_id(self) -> int:
-        """The id of the newest event (0 for none): where a new reader's cursor starts."""
-
-    @abstractmethod
-    def change_counter(self) -> Hashable:
-        """A cheap value that differs after any committed change, by this process or another:
-        re-read cached grants when it changed."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +159,14 @@ _GRANT_COLUMNS = (
 )
 
 
-class SQLiteStore(Store):
-    """The store in one SQLite file (WAL), shared safely by threads and processes.
+class SQLiteStore:
+    """Requests, reviews, grants and events in one SQLite file (WAL), shared safely by threads
+    and processes.
+
+    Every public method is atomic; times are injected (`now`, seconds since the epoch);
+    policy-dependent operations take the current `rules`, because the policy may have changed
+    since a request was made. Errors are `AccessError`s: the workflow's own (400/403/404/409) or
+    `StoreError` (503).
 
     Each thread gets its own connection; every change runs in `BEGIN IMMEDIATE`, which takes
     the database's write lock before reading, so decisions are made on the latest state.
@@ -345,6 +249,7 @@ class SQLiteStore(Store):
                 raise StoreError(f"{self.path} has store schema version {version}; this jitgate supports version {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Close every thread's connection; later calls raise `StoreError`."""
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
@@ -446,6 +351,8 @@ class SQLiteStore(Store):
         reason: str | None = None,
         rule_name: str | None = None,
     ) -> AccessRequest:
+        """File a request under the first rule that lets the requester ask for `scope` (or
+        `rule_name`). Mode immediate returns it approved, with its grant."""
         t = open_request(rules, requester, scope, now=now, duration=duration, reason=reason, rule_name=rule_name)
         with self._transaction(write=True) as db:
             for _ in range(3):
@@ -456,6 +363,7 @@ class SQLiteStore(Store):
         return t.request
 
     def get_request(self, request_id: str) -> AccessRequest:
+        """The request with its reviews and grant; `NotFound` if there is none."""
         with self._transaction(write=False) as db:
             return self._request_in(db, request_id)
 
@@ -467,6 +375,7 @@ class SQLiteStore(Store):
         cluster: str | None = None,
         limit: int = 200,
     ) -> list[AccessRequest]:
+        """Newest first."""
         where: list[str] = []
         args: list[Any] = []
         if requester is not None:
@@ -490,6 +399,7 @@ class SQLiteStore(Store):
             return self._load_requests(db, db.execute(sql, (*args, int(limit))).fetchall())
 
     def reviewable_requests(self, rules: Sequence[AccessRule], reviewer: Principal, *, now: float, limit: int = 200) -> list[AccessRequest]:
+        """Pending, unexpired requests `reviewer` may review and has not reviewed yet."""
         with self._transaction(write=False) as db:
             rows = db.execute(
                 f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE state = 'pending' AND expires_at > ? ORDER BY created_at DESC, rowid DESC",
@@ -506,30 +416,35 @@ class SQLiteStore(Store):
     def review(
         self, rules: Sequence[AccessRule], request_id: str, reviewer: Principal, decision: Decision | str, reason: str | None, *, now: float
     ) -> AccessRequest:
+        """Record an approval or a denial; returns the request after it (approved: with grant)."""
         with self._transaction(write=True) as db:
             t = review_request(rules, self._request_in(db, request_id), reviewer, decision, reason, now=now)
             self._apply(db, t)
         return t.request
 
     def cancel(self, request_id: str, actor: Principal, reason: str | None = None, *, now: float) -> AccessRequest:
+        """The requester withdraws a pending request."""
         with self._transaction(write=True) as db:
             t = cancel_request(self._request_in(db, request_id), actor, reason, now=now)
             self._apply(db, t)
         return t.request
 
     def revoke_grant(self, rules: Sequence[AccessRule], grant_id: str, actor: Principal, reason: str | None, *, now: float) -> Grant:
+        """End an active grant now (its holder, or a reviewer of its rule)."""
         with self._transaction(write=True) as db:
             t = revoke_grant(rules, self._grant_in(db, grant_id), actor, reason, now=now)
             self._apply(db, t)
         return t.grant
 
     def get_grant(self, grant_id: str) -> Grant:
+        """`NotFound` if there is none."""
         with self._transaction(write=False) as db:
             return self._grant_in(db, grant_id)
 
     def list_grants(
         self, *, username: str | None = None, cluster: str | None = None, active_at: float | None = None, limit: int = 200
     ) -> list[Grant]:
+        """Newest first; `active_at` keeps those active at that time."""
         where: list[str] = []
         args: list[Any] = []
         if username is not None:
@@ -549,11 +464,13 @@ class SQLiteStore(Store):
             return [_grant(r) for r in db.execute(sql, (*args, int(limit)))]
 
     def active_grants_for(self, username: str, cluster: str, now: float) -> tuple[Grant, ...]:
+        """The grants that may allow this person's calls on this cluster now: an index lookup."""
         db = self._connection()
         with _errors(self.path):
             return tuple(_grant(r) for r in db.execute(ACTIVE_GRANTS_SQL, (username, cluster, now, now)))
 
     def sweep(self, *, now: float) -> SweepResult:
+        """Expire pending requests past their TTL and active grants past their end."""
         due_requests = "FROM requests WHERE state = 'pending' AND expires_at <= ?"
         due_grants = "FROM grants WHERE state = 'active' AND ends_at <= ?"
         # Look before taking the write lock: most sweeps find nothing.
@@ -576,6 +493,7 @@ class SQLiteStore(Store):
         return SweepResult(tuple(expired_requests), tuple(expired_grants))
 
     def approve_due_auto(self, rules: Sequence[AccessRule], *, now: float) -> list[AccessRequest]:
+        """Approve the mode-auto requests whose delay has passed; returns the ones changed."""
         due = "FROM requests WHERE state = 'pending' AND auto_approve_at IS NOT NULL AND auto_approve_at <= ? AND expires_at > ?"
         with self._transaction(write=False) as db:
             if db.execute(f"SELECT 1 {due} LIMIT 1", (now, now)).fetchone() is None:
@@ -589,22 +507,34 @@ class SQLiteStore(Store):
         return changed
 
     def events_for(self, request_id: str) -> list[Event]:
+        """The history of one request (and its grant), oldest first."""
         with self._transaction(write=False) as db:
             return [_event(r) for r in db.execute("SELECT * FROM events WHERE request_id = ? ORDER BY id", (request_id,))]
 
     def events_since(self, after_id: int = 0, limit: int = 1000) -> list[Event]:
+        """Events with an id above `after_id`, oldest first: a cursor for notifiers and for
+        ending sessions of grants revoked by another process."""
         with self._transaction(write=False) as db:
             return [_event(r) for r in db.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), int(limit)))]
 
     def last_event_id(self) -> int:
+        """The id of the newest event (0 for none): where a new reader's cursor starts."""
         with self._transaction(write=False) as db:
             return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
 
     def change_counter(self) -> Hashable:
+        """A cheap value that differs after any committed change, by this process or another:
+        re-read cached grants when it changed."""
         db = self._connection()
         with _errors(self.path):
             version = db.execute("PRAGMA data_version").fetchone()[0]
         return (version, self._own_writes)
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
