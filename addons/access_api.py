@@ -11,6 +11,7 @@ service it serves (the gateway hands the same one to the grants step); loaded al
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from mitmproxy import http
@@ -20,6 +21,8 @@ from jitgate.api.access_api import AccessAPI, is_api_path
 from jitgate.chain.flow import call_of, refuse
 from jitgate.chain.service_host import AccessServiceHost
 from jitgate.store.sqlite import StoreError
+
+log = logging.getLogger("jitgate.api")
 
 
 class AccessAPIServer:
@@ -41,7 +44,10 @@ class AccessAPIServer:
                 self.api.handle, flow.request.method, flow.request.path, flow.request.raw_content or b"",
                 call.identity, flow.request.headers.get("Content-Type"))
         except StoreError as e:
-            refuse(flow, 503, f"jitgate: {e}; the access API is unavailable until it is back")
+            # The store's message names its file: for the gateway's log, not for callers.
+            log.error("access API: grant store unavailable (audit ID %s): %s", call.audit_id, e)
+            refuse(flow, 503, "jitgate: the grant store is unavailable, so the access API cannot answer now "
+                              f"(fail closed; audit ID {call.audit_id})")
             return
         if status < 400:
             call.allow("jitgate access API")

@@ -15,12 +15,12 @@ import logging
 import time
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, tcp
 
 from jitgate.audit.log import AuditLog, AuditLogError
 from jitgate.chain.call import Call
-from jitgate.chain.flow import call_of, refuse
-from jitgate.kube.audit_event import build_event, object_ref_from
+from jitgate.chain.flow import METADATA_KEY, call_of, refuse
+from jitgate.kube.audit_event import build_event, new_audit_id, object_ref_from
 from jitgate.kube.status import status_body
 
 log = logging.getLogger("jitgate.audit")
@@ -106,17 +106,36 @@ class Audit:
                 log.error("audit log write failed; refusing calls until it works again: %s", e)
             self.failing = True
             return False
-        self.failing = False
+        if self.failing:
+            log.warning("audit log is written again; calls are let through")
+            self.failing = False
         return True
+
+    def received(self, flow: http.HTTPFlow) -> None:
+        """The durable record that a call is about to be forwarded, as kube's RequestReceived stage:
+        written before the first byte goes upstream, or the call is refused."""
+        if self.write(flow, "RequestReceived", None):
+            return
+        call = call_of(flow)
+        flow.request.stream = False  # mitmproxy cannot stream a request body and answer it too
+        refuse(flow, 503, f"jitgate: the audit log cannot be written, so no call is let through (audit ID {call.audit_id})")
+        # Its ResponseComplete line would fail the same way; a 500 must not replace this 503.
+        call.completed_audited = True
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # A refused CONNECT (host that is no cluster) is a call too.
         if flow.response is not None:
             self.write(flow, "ResponseComplete", flow.response.status_code)
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A step chose to stream this request's body: it goes upstream right after this hook.
+        if flow.request.stream and flow.response is None:
+            self.received(flow)
+
     def request(self, flow: http.HTTPFlow) -> None:
-        if self.failing and not flow.response:
-            refuse(flow, 503, "jitgate: the audit log cannot be written, so no call is let through")
+        # Every step has decided (audit runs last): a call still unanswered is forwarded next.
+        if flow.response is None and not flow.request.stream:
+            self.received(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -127,8 +146,8 @@ class Audit:
 
     def response(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call.completed_audited or (flow.websocket is not None and call.long_running):
-            return  # a WebSocket (exec) completes at websocket_end
+        if call.completed_audited or flow.websocket is not None:
+            return  # a WebSocket session (exec...) completes when it really ends, at websocket_end
         call.completed_audited = True
         if not self.write(flow, "ResponseComplete", flow.response.status_code) and not flow.response.stream:
             flow.response = http.Response.make(
@@ -149,6 +168,30 @@ class Audit:
         if not call.completed_audited:
             call.completed_audited = True
             self.write(flow, "ResponseComplete", flow.response.status_code if flow.response else None)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        # jitgate never relays raw TCP (the clusters step ends such a flow at once); the refusal is
+        # audited like any other, with what little is known of it.
+        if self.log is None:
+            return
+        record = flow.metadata.get(METADATA_KEY) or {}
+        reason = record.get("reason", "jitgate relays no raw TCP")
+        address = flow.server_conn.address
+        peer = flow.client_conn.peername
+        now = time.time()
+        event = build_event(
+            audit_id=new_audit_id(), stage="ResponseComplete",
+            request_uri=f"{address[0]}:{address[1]}" if address else "", verb="", user=ANONYMOUS,
+            source_ips=[peer[0]] if peer else [], user_agent="", object_ref=None, response_code=403,
+            response_message=reason, request_received=flow.timestamp_created, stage_timestamp=now,
+            annotations={"jitgate.dev/decision": "deny", "authorization.k8s.io/decision": "forbid",
+                         "jitgate.dev/reason": reason, "jitgate.dev/raw-tcp": "refused"},
+        )
+        try:
+            self.log.write(event)
+        except AuditLogError as e:
+            log.error("audit log write failed for a refused raw TCP flow: %s", e)
+            self.failing = True
 
 
 addons = [Audit()]

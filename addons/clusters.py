@@ -7,6 +7,12 @@ is no configured cluster is refused, so the gateway is never an open proxy. Reve
 Upstream TLS is verified against the cluster's own CA bundle from the policy (never skipped), with
 the endpoint's hostname, even when the policy sends the connection to another address (`connect:`).
 
+The gateway only ever speaks HTTP to a cluster. It picks each connection's protocol layers itself
+(`next_layer`) instead of mitmproxy's guess from the first bytes, which falls back to relaying raw
+TCP when they look like neither TLS nor HTTP: after a CONNECT the client must speak TLS (or the
+connection is closed), and inside it HTTP. A raw TCP flow, should one ever start, is ended before a
+byte of it is relayed. mitmproxy's onboarding app (`mitm.it`) is switched off.
+
     mitmdump -s addons/clusters.py --set policy=policies/
 """
 
@@ -15,11 +21,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from mitmproxy import connection, ctx, exceptions, http, tls
-from mitmproxy.proxy import mode_specs, server_hooks
+from mitmproxy import connection, ctx, exceptions, http, tcp, tls
+from mitmproxy.proxy import commands, events, layer, mode_specs, server_hooks, tunnel
+from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer, modes
+from mitmproxy.proxy.layers.http import HttpStream, HTTPMode
 from OpenSSL import SSL
 
-from jitgate.chain.flow import call_of, current_policy, declare_policy_option, refuse
+from jitgate.chain.flow import METADATA_KEY, call_of, close_client_connection, current_policy, declare_policy_option, refuse
 from jitgate.policy.clusters import ClientCertCredential, Cluster
 from jitgate.policy.loader import Policy
 
@@ -45,6 +53,84 @@ def upstream_tls_context(cluster: Cluster) -> SSL.Context:
     return context
 
 
+def may_be_tls(data: bytes) -> bool:
+    """The client's first bytes are, or could still become, a TLS handshake record.
+
+    mitmproxy's own test needs three bytes, so a ClientHello split after one or two is read as
+    "not TLS"; here those are TLS so far (the TLS layer then waits for the rest, or fails).
+    """
+    return (data[:1] == b"\x16" and data[1:2] in (b"", b"\x03")
+            and (len(data) < 3 or data[2] <= 0x03))
+
+
+class Refused(layer.Layer):
+    """Closes the client connection without relaying anything: bytes the gateway will not carry."""
+
+    def __init__(self, context, why: str) -> None:
+        super().__init__(context)
+        self.why = why
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield commands.Log(f"jitgate: closing the connection from {self.context.client.peername}: {self.why}",
+                           logging.WARNING)
+        yield commands.CloseConnection(self.context.client)
+        self._handle_event = self.closed  # type: ignore[method-assign]
+
+    def closed(self, _: events.Event) -> layer.CommandGenerator[None]:
+        yield from ()
+
+
+def choose_layer(context, data: bytes) -> layer.Layer:
+    """The next protocol layer for a connection of the gateway: HTTP, in TLS where it must be."""
+    stack = context.layers
+    top = stack[0]
+    if isinstance(top, modes.HttpProxy):
+        if len(stack) == 1:
+            # A new client of the regular listener: HTTP to the proxy (CONNECT), in TLS if it starts so.
+            layers = tunnel.LayerStack()
+            if may_be_tls(data):
+                layers /= ClientTLSLayer(context)
+            layers /= HttpLayer(context, HTTPMode.regular)
+            return layers[0]
+        if isinstance(stack[-1], HttpStream):
+            # The tunnel after a CONNECT to a cluster: TLS, intercepted, or nothing.
+            if not may_be_tls(data):
+                return Refused(context, "the tunnel to a cluster must start with TLS")
+            server_tls = ServerTLSLayer(context)
+            server_tls.child_layer = ClientTLSLayer(context)
+            return server_tls
+        if (len(stack) >= 3 and isinstance(stack[-1], ClientTLSLayer) and isinstance(stack[-2], ServerTLSLayer)
+                and isinstance(stack[-3], HttpStream)):
+            # Inside the tunnel's TLS: HTTP whatever the first bytes or the ALPN say.
+            return HttpLayer(context, HTTPMode.transparent)
+    elif isinstance(top, modes.ReverseProxy) and len(stack) == 1:
+        if context.client.proxy_mode.scheme != "https":
+            return Refused(context, "a cluster is served only over https")
+        layers = tunnel.LayerStack()
+        layers /= ServerTLSLayer(context)
+        if may_be_tls(data):
+            layers /= ClientTLSLayer(context)
+        layers /= HttpLayer(context, HTTPMode.transparent)  # plain HTTP is answered with a 400 Status
+        return layers[0]
+    return Refused(context, "no protocol the gateway serves")
+
+
+# mitmproxy options that relay some connections raw, past every HTTP hook (next_layer ignores them).
+PASSTHROUGH_OPTIONS = frozenset({"ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts"})
+
+
+def check_modes(specs) -> None:
+    """jitgate serves clusters in regular mode and in https reverse mode only."""
+    for spec in specs:
+        mode = mode_specs.ProxyMode.parse(spec)
+        if isinstance(mode, mode_specs.RegularMode):
+            continue
+        if isinstance(mode, mode_specs.ReverseMode) and mode.scheme == "https":
+            continue
+        raise exceptions.OptionsError(f"jitgate serves --mode regular and --mode reverse:https://<cluster endpoint> "
+                                      f"only, not {spec!r}")
+
+
 class ClusterRouting:
     def __init__(self) -> None:
         self.policy: Policy | None = None
@@ -66,6 +152,27 @@ class ClusterRouting:
             # reverse mode bind the request's Host to the connect address; jitgate needs lazy.
             log.info("jitgate sets connection_strategy=lazy: no upstream connection before a call is checked")
             ctx.options.connection_strategy = "lazy"
+        if "onboarding" in updated and ctx.options.onboarding:
+            # mitmproxy's onboarding app answers http://mitm.it/ on every regular listener, before any check.
+            log.info("jitgate sets onboarding=false: the gateway answers nothing but cluster calls")
+            ctx.options.onboarding = False
+        if "mode" in updated:
+            check_modes(ctx.options.mode)
+        for name in PASSTHROUGH_OPTIONS & updated:
+            if getattr(ctx.options, name, None):
+                raise exceptions.OptionsError(f"jitgate relays nothing unchecked: {name} is not supported")
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        # Scripts run before mitmproxy's NextLayer addon, which skips a connection decided here;
+        # its guess from the first bytes is what relays raw TCP.
+        if nextlayer.layer is not None:
+            return
+        try:
+            nextlayer.layer = choose_layer(nextlayer.context, nextlayer.data_client())
+        except Exception:
+            # Left undecided, mitmproxy would guess (and may relay raw): close the connection instead.
+            log.exception("jitgate could not choose the protocol of a connection; closing it")
+            nextlayer.layer = Refused(nextlayer.context, "internal error")
 
     def cluster_for_flow(self, flow: http.HTTPFlow) -> Cluster | None:
         mode = flow.client_conn.proxy_mode
@@ -106,6 +213,30 @@ class ClusterRouting:
             server.error = f"jitgate: refusing to connect to {server.address}: not a configured cluster"
             return
         server.sni = cluster.host
+
+    # --- raw TCP: never relayed ---------------------------------------------------------------------
+    # next_layer never picks raw TCP, and streaming ends a 101 that is no WebSocket before mitmproxy
+    # turns it into a TCP relay; should a TCP flow start anyway, nothing of it reaches a cluster.
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        why = f"jitgate relays no raw TCP (towards {self.target_of(flow)})"
+        flow.metadata[METADATA_KEY] = {"decision": "deny", "reason": why}  # plain values: audit reads it
+        if flow.server_conn.timestamp_start is None:
+            flow.server_conn.error = why  # not connected yet: server_connect will not open it
+        if flow.killable:
+            flow.kill()
+        log.warning("%s; closing the connection from %s", why, flow.client_conn.peername)
+        close_client_connection(flow, why)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        flow.messages[-1].content = b""  # mitmproxy sends the message on: it must be empty
+
+    def target_of(self, flow: tcp.TCPFlow) -> str:
+        address = flow.server_conn.address
+        cluster = None
+        if self.policy is not None and address:
+            cluster = self.policy.cluster_for(*address) or self.policy.cluster_at(*address)
+        return f"cluster {cluster.name}" if cluster else "no cluster"
 
     def tls_established_client(self, data: tls.TlsData) -> None:
         # mitmproxy builds the client-side context; release idle buffers on each connection.

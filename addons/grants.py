@@ -17,7 +17,8 @@ sessions of grants that expired or were revoked (by this process or any other), 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 
 from mitmproxy import ctx, exceptions, http
 
@@ -30,6 +31,10 @@ from jitgate.store.sqlite import StoreError
 
 log = logging.getLogger("jitgate.grants")
 
+ENDED_GRANTS_KEPT = 1024
+
+REQUIRE_GRANT_OFF = "require_grant is off: no grant covers this call"
+
 
 class Grants:
     def __init__(self, service: AccessService) -> None:
@@ -37,6 +42,8 @@ class Grants:
         # grant id -> long-running flows on it, and when the grant ends.
         self.live: dict[str, set[http.HTTPFlow]] = defaultdict(set)
         self.live_ends: dict[str, float] = {}
+        # Grants ended lately (revoked...), for sessions whose response starts after the sweep.
+        self.ended: OrderedDict[str, str] = OrderedDict()
         service.listeners.append(self.grants_ended)
 
     def load(self, loader) -> None:
@@ -45,12 +52,21 @@ class Grants:
             "hold_poll_interval_ms", int, 250,
             "How often a held call re-reads its access request, in milliseconds.",
         )
+        loader.add_option(
+            "require_grant", bool, True,
+            "Forward only calls a grant covers. Turn off only for a staged rollout: then every "
+            "authenticated caller reaches the cluster with the gateway's credential, calls no grant "
+            "covers are let through (audited as allowed, reason 'require_grant is off') and nobody is held.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "policy" in updated:
             current_policy()  # a policy error stops the start here too when loaded alone
         if "hold_poll_interval_ms" in updated and not 10 <= ctx.options.hold_poll_interval_ms <= 10_000:
             raise exceptions.OptionsError("hold_poll_interval_ms must be between 10 and 10000")
+        if "require_grant" in updated and not ctx.options.require_grant:
+            log.warning("require_grant is off: EVERY AUTHENTICATED CALLER REACHES THE CLUSTERS without a grant, "
+                        "with the gateway's credential (audited as allowed, reason %r)", REQUIRE_GRANT_OFF)
 
     # --- the per-call check -----------------------------------------------------------------------
 
@@ -73,12 +89,18 @@ class Grants:
         try:
             if await self.allow_if_granted(call):
                 return
+            if not ctx.options.require_grant:
+                call.allow(REQUIRE_GRANT_OFF)  # a staged rollout: the audit shows what a grant would have had to cover
+                return
             rule = self.service.hold_rule(call.identity.groups, call.cluster.name, call.info)
             if rule is not None:
                 await self.hold(flow, call, rule)
                 return
         except StoreError as e:
-            refuse(flow, 503, f"jitgate: {e}; calls are refused until it is back")
+            # The store's message names its file: for the gateway's log, not for callers.
+            log.error("grant store unavailable, refusing call %s: %s", call.audit_id, e)
+            refuse(flow, 503, "jitgate: the grant store is unavailable, so calls are refused until it is back "
+                              f"(audit ID {call.audit_id})")
             return
         refuse(flow, 403, how_to_request(self.service.rules, call.identity.groups, call.cluster.name, call.info))
 
@@ -100,9 +122,19 @@ class Grants:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
         grant = call.grant
-        if call.long_running and grant is not None:
-            self.live[grant.id].add(flow)
-            self.live_ends[grant.id] = grant.ends_at
+        if not call.long_running or grant is None:
+            return
+        # The grant may have ended while the call was on its way (after the sweep that ended its
+        # other sessions): such a session must not start.
+        why = self.ended.get(grant.id) or ("grant expired" if grant.ends_at <= time.time() else None)
+        if why is not None:
+            self.terminated(call, why)
+            call.long_running = False
+            if flow.killable:
+                flow.kill()
+            return
+        self.live[grant.id].add(flow)
+        self.live_ends[grant.id] = grant.ends_at
 
     def forget(self, flow: http.HTTPFlow) -> None:
         grant = call_of(flow).grant
@@ -122,11 +154,15 @@ class Grants:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.forget(flow)
 
+    @staticmethod
+    def terminated(call: Call, why: str) -> None:
+        call.annotations["jitgate.dev/terminated"] = why
+        call.reason = f"{call.reason}; session ended: {why}"
+
     def end_sessions(self, grant_id: str, why: str) -> None:
         for flow in list(self.live.pop(grant_id, ())):
             call = call_of(flow)
-            call.annotations["jitgate.dev/terminated"] = why
-            call.reason = f"{call.reason}; session ended: {why}"
+            self.terminated(call, why)
             closed = close_client_connection(flow, why)
             log.info("ended a live %s of %s on grant %s (%s)%s", call.info.resource_path if call.info else "call",
                      call.identity.username if call.identity else "?", grant_id, why, "" if closed else " [already closed]")
@@ -138,7 +174,11 @@ class Grants:
             if ends_at <= now:
                 self.end_sessions(grant_id, "grant expired")
         for grant_id, why in ended:
+            self.ended[grant_id] = why
+            self.ended.move_to_end(grant_id)
             self.end_sessions(grant_id, why)
+        while len(self.ended) > ENDED_GRANTS_KEPT:
+            self.ended.popitem(last=False)
 
 
 _service = AccessService()

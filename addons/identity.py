@@ -2,7 +2,13 @@
 
 The caller's token is verified (issuer discovery, JWKS, signature, iss/aud/exp/nbf) and mapped to a
 username and groups; then it is removed from the request, so it never reaches the cluster, a log or a
-recording. Client-supplied `Impersonate-*` headers are refused: only the gateway says who a call is for.
+recording. Client-supplied `Impersonate-*` headers, and the headers of an authenticating proxy
+(`X-Remote-User`, `X-Remote-Group`, `X-Remote-Extra-*`, ...), are refused: only the gateway says who a
+call is for.
+
+This runs at `requestheaders`, before the body is read: an unauthenticated caller is answered
+without the gateway holding its upload (with addons/request_hygiene.py loaded, the body is dropped
+unread). Verified tokens are cached, so the check costs a hash and a lookup.
 
     mitmdump -s addons/identity.py --set policy=policies/
 """
@@ -25,10 +31,21 @@ log = logging.getLogger("jitgate.identity")
 WS_TOKEN_PREFIX = "base64url.bearer.authorization.k8s.io."
 
 
+# Headers an authenticating proxy sets for kube-apiserver (--requestheader-username-headers, -group-,
+# -uid-, -extra-headers-prefix; X-Remote-* by convention) and the ones common front proxies use. The
+# cluster honours them from a front-proxy client certificate: they must only ever come from the gateway.
+AUTH_PROXY_PREFIXES = (b"x-remote-",)
+AUTH_PROXY_HEADERS = frozenset({
+    b"x-forwarded-user", b"x-forwarded-groups", b"x-forwarded-email", b"x-forwarded-preferred-username",
+    b"x-auth-request-user", b"x-auth-request-groups", b"x-auth-request-email",
+    b"x-auth-request-preferred-username",
+})
+
+
 def take_bearer_token(request: http.Request) -> tuple[str | None, str | None]:
     """Remove every form of caller credential from the request; return (bearer token, first
-    Impersonate-* header name). One pass over the raw header fields: this runs on every call, and
-    each mitmproxy Headers lookup scans all fields again."""
+    Impersonate-* or authenticating-proxy header name). One pass over the raw header fields: this
+    runs on every call, and each mitmproxy Headers lookup scans all fields again."""
     token = impersonation = None
     credential_names = (b"authorization", b"proxy-authorization")
     found_credential = found_protocols = False
@@ -41,7 +58,8 @@ def take_bearer_token(request: http.Request) -> tuple[str | None, str | None]:
                 token = rest.strip().decode("latin-1")
         elif lname == b"sec-websocket-protocol":
             found_protocols = True
-        elif lname.startswith(b"impersonate-") and impersonation is None:
+        elif impersonation is None and (lname.startswith(b"impersonate-") or lname.startswith(AUTH_PROXY_PREFIXES)
+                                        or lname in AUTH_PROXY_HEADERS):
             impersonation = name.decode("latin-1")
     if found_credential:
         request.headers.fields = tuple(f for f in request.headers.fields if f[0].lower() not in credential_names)
@@ -63,6 +81,9 @@ def take_bearer_token(request: http.Request) -> tuple[str | None, str | None]:
 
 
 def reserved_name(username: str, groups: tuple[str, ...]) -> str | None:
+    """The first name with Kubernetes' reserved prefix. Checked on the exact values the cluster is
+    sent (the verifier refuses names with whitespace or control characters a header parser would
+    trim or split, so `" system:masters"` cannot pass here and become `system:masters` there)."""
     for name in (username, *groups):
         if name.startswith("system:"):
             return name
@@ -92,14 +113,18 @@ class Identity:
         if self.verifier is not None:
             await asyncio.to_thread(self.verifier.prefetch)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
         token, impersonation = take_bearer_token(flow.request)
         if flow.response:
             return
         if impersonation:
-            refuse(flow, 403, f"jitgate: impersonation is not allowed (header {impersonation}); "
-                              "the gateway itself tells the cluster who you are")
+            if impersonation.lower().startswith("impersonate-"):
+                refuse(flow, 403, f"jitgate: impersonation is not allowed (header {impersonation}); "
+                                  "the gateway itself tells the cluster who you are")
+            else:
+                refuse(flow, 403, "jitgate: authenticating-proxy headers (X-Remote-User, X-Remote-Group, ...) "
+                                  "are not allowed; the gateway itself tells the cluster who you are")
             return
         if token is None:
             refuse(flow, 401, "jitgate: no bearer token: every call needs an OIDC ID token "

@@ -16,9 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
 from jitgate.chain.flow import call_of, current_policy, declare_policy_option, refuse
+from jitgate.kube import http_framing
 from jitgate.policy.clusters import Cluster, TokenFileCredential
 from jitgate.upstream.eks import (
     EKSClusterCredentialConfig,
@@ -61,6 +62,20 @@ class TokenFile:
         return self.token
 
 
+def reframe(request: http.Request) -> None:
+    """Right before the request leaves: its length is the checked body's, set by the gateway.
+
+    mitmproxy forwards the client's framing headers as they came; an HTTP/2 request without
+    content-length would reach an HTTP/1.1 cluster with no length at all, and the cluster would
+    read its body as a second request on the gateway's connection.
+    """
+    body = request.raw_content
+    if body is None:
+        # Streamed past the chain: the length is unknown, and so is what the cluster would read.
+        raise RuntimeError("request body was not read before forwarding")
+    request.headers.fields = http_framing.reframe(request.headers.fields, request.method, len(body))
+
+
 class UpstreamCredential:
     def __init__(self) -> None:
         # (cluster, upstream role or None for the default) -> provider; role sessions are per caller.
@@ -69,12 +84,6 @@ class UpstreamCredential:
 
     def load(self, loader) -> None:
         declare_policy_option(loader)
-        loader.add_option(
-            "require_grant", bool, True,
-            "Forward only calls an earlier step (addons/grants.py) explicitly allowed. Turn off only to "
-            "run the authenticated data path without just-in-time grants: then every authenticated "
-            "caller reaches the cluster with the gateway's credential.",
-        )
 
     def configure(self, updated: set[str]) -> None:
         if "policy" in updated:
@@ -111,16 +120,18 @@ class UpstreamCredential:
                               "(load addons/gateway.py, or clusters, identity and request_attributes first)")
             return
         if not call.decision:
-            if ctx.options.require_grant:
-                refuse(flow, 403, "jitgate: no step allowed this call (is addons/grants.py loaded?), so it is refused")
-                return
-            call.allow("authenticated (require_grant is off)")
+            # Only an explicit allow is forwarded (addons/grants.py decides, require_grant included).
+            refuse(flow, 403, "jitgate: no step allowed this call (is addons/grants.py loaded?), so it is refused")
+            return
         try:
             role = call.grant.upstream_role if call.grant is not None else None
             token = await self.bearer_token(call.cluster, call.identity.username, role)
         except UpstreamCredentialError as e:
-            log.warning("no upstream credential for cluster %s: %s", call.cluster.name, e)
-            refuse(flow, 503, f"jitgate: cannot obtain a credential for cluster {call.cluster.name}: {e}")
+            # The cause names role ARNs, STS URLs or file paths: the operator's log has it, the caller
+            # gets the audit ID to quote.
+            log.warning("no upstream credential for cluster %s (auditID %s): %s", call.cluster.name, call.audit_id, e)
+            refuse(flow, 503, f"jitgate: cannot obtain the gateway's credential for cluster {call.cluster.name} "
+                              f"right now; the gateway's log has the cause (audit ID {call.audit_id})")
             return
         headers = flow.request.headers
         # kube-apiserver takes Audit-ID as its own audit ID: the cluster's audit log and ours correlate.
@@ -131,6 +142,7 @@ class UpstreamCredential:
         if call.cluster.impersonate:
             headers["Impersonate-User"] = call.identity.username
             headers.set_all("Impersonate-Group", list(call.identity.groups))
+        reframe(flow.request)
 
     @staticmethod
     def scrub(flow: http.HTTPFlow) -> None:

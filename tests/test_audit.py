@@ -456,3 +456,137 @@ def test_stdout():
     code = "from jitgate.audit.log import AuditLog; log = AuditLog('-'); log.write({'a': 1}); log.write({'b': 2}); log.close()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True).stdout
     assert out == b'{"a":1}\n{"b":2}\n'
+
+
+# --- short and failed writes: the file stays JSON lines ------------------------------------------------
+
+
+class FailingDevice:
+    """os.write for the log's descriptor as a failing disk does it: `plan` says, per write, how many
+    bytes it takes (None: all, an int: that many, OSError: fails); other descriptors are untouched."""
+
+    def __init__(self, monkeypatch, log: AuditLog, plan: list) -> None:
+        self.fd, self.plan, self.real = log._fd, list(plan), os.write
+        monkeypatch.setattr(os, "write", self)
+
+    def __call__(self, fd: int, data) -> int:
+        if fd != self.fd or not self.plan:
+            return self.real(fd, data)
+        step = self.plan.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return self.real(fd, bytes(data) if step is None else bytes(data)[:step])
+
+
+def assert_json_lines(path: Path) -> list[dict]:
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    return [json.loads(line) for line in raw.split(b"\n")[:-1]]  # each line exactly one event
+
+
+def test_short_write_is_cut_off_again(tmp_path, monkeypatch):
+    """A short write (a full disk takes part of the line) is truncated back: the next event starts
+    its own line and the file is valid JSON lines throughout."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.write({"n": 1})
+    FailingDevice(monkeypatch, log, [5])
+    with pytest.raises(AuditLogError, match="short write"):
+        log.write({"n": 2, "pad": "x" * 100})
+    assert path.read_bytes() == b'{"n":1}\n'
+    log.write({"n": 3})
+    log.close()
+    assert assert_json_lines(path) == [{"n": 1}, {"n": 3}]
+
+
+def test_short_write_that_cannot_be_cut_off_is_ended(tmp_path, monkeypatch):
+    """Where the part cannot be cut off (ftruncate fails), it is ended with a newline at once."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    FailingDevice(monkeypatch, log, [5])
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(AuditLogError, match="short write"):
+        log.write({"n": 1, "pad": "x" * 100})
+    log.write({"n": 2})
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines == [b'{"n":', b'{"n":2}', b""], "the fragment is a line of its own, never joined to an event"
+
+
+def test_partial_line_left_behind_starts_the_next_write_on_a_new_line(tmp_path, monkeypatch):
+    """Neither cut off nor ended (the device fails again at once): the next write begins with a
+    newline, so no reader sees two events on one line."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.write({"n": 1})
+    device = FailingDevice(monkeypatch, log, [5, OSError(28, "No space left on device")])
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(AuditLogError, match="short write"):
+        log.write({"n": 2, "pad": "x" * 100})
+    device.plan = [OSError(28, "No space left on device")]
+    with pytest.raises(AuditLogError, match="No space left"):
+        log.write({"n": 3})  # failed writes leave nothing and change nothing
+    log.write({"n": 4})
+    log.write({"n": 5})
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines == [b'{"n":1}', b'{"n":', b'{"n":4}', b'{"n":5}', b""]
+    parsed = []
+    for line in lines[:-1]:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            assert b"}{" not in line and line.count(b'{"n"') == 1, "a fragment, never two events"
+    assert parsed == [{"n": 1}, {"n": 4}, {"n": 5}]
+
+
+def test_short_write_after_another_process_appended_is_ended_not_cut(tmp_path, monkeypatch):
+    """Cutting back is only safe when nobody appended after the fragment (processes share a log)."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    real = os.write
+
+    def short_then_someone_appends(fd, data):
+        if fd != log._fd:
+            return real(fd, data)
+        monkeypatch.setattr(os, "write", real)
+        n = real(fd, bytes(data)[:5])
+        with open(path, "ab") as other:
+            other.write(b'{"other":1}\n')
+        return n
+
+    monkeypatch.setattr(os, "write", short_then_someone_appends)
+    with pytest.raises(AuditLogError, match="short write"):
+        log.write({"n": 1, "pad": "x" * 100})
+    log.write({"n": 2})
+    log.close()
+    raw = path.read_bytes()
+    assert b'{"other":1}\n' in raw, "another process's line is never cut off"
+    assert raw.endswith(b'\n{"n":2}\n')
+
+
+def test_partial_line_on_stdout_starts_the_next_on_a_new_line(monkeypatch):
+    log = AuditLog("-")
+    r, w = os.pipe()
+    log._fd = w
+    real = os.write
+    calls = {"n": 0}
+
+    def pipe_breaks_midway(fd, data):
+        if fd != w:
+            return real(fd, data)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(fd, bytes(data)[:4])
+        if calls["n"] == 2:
+            raise OSError(32, "Broken pipe")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", pipe_breaks_midway)
+    with pytest.raises(AuditLogError, match="Broken pipe"):
+        log.write({"n": 1})
+    log.write({"n": 2})
+    os.close(w)
+    out = os.read(r, 4096)
+    os.close(r)
+    assert out == b'{"n"\n{"n":2}\n'

@@ -141,7 +141,7 @@ def test_no_grant_no_access_and_the_message_says_how(jit: JIT) -> None:
     assert result.returncode != 0
     assert "Error from server (Forbidden)" in result.stderr
     assert "jitgate request --cluster dev --namespace dev --resource pods" in result.stderr, result.stderr
-    misses = [e for e in jit.gateway.audit_events() if e["responseStatus"]["code"] == 403
+    misses = [e for e in jit.gateway.audit_events() if e.get("responseStatus", {}).get("code") == 403
               and e["user"]["username"] == "alice@example.com" and e.get("objectRef", {}).get("resource") == "pods"]
     assert misses and misses[-1]["annotations"]["jitgate.dev/decision"] == "deny"
 
@@ -171,7 +171,8 @@ def test_two_distinct_approvers_then_exactly_the_granted_scope(jit: JIT) -> None
         result = jit.kubectl("alice", *wider)
         # kubectl prints an exec refusal as "unable to upgrade connection: <message>".
         assert result.returncode != 0 and "jitgate: no active grant" in result.stderr, (wider, result.stderr)
-    granted = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/grant") == shown["grant"]["id"]]
+    granted = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/grant") == shown["grant"]["id"]
+               and e["stage"] == "ResponseComplete"]
     assert granted and all(e["responseStatus"]["code"] == 200 for e in granted)
     assert all(e["annotations"]["jitgate.dev/approvers"] == "dave@example.com,bob@example.com" for e in granted)
     assert all(e["annotations"]["jitgate.dev/access-request"] == request_id for e in granted)

@@ -13,6 +13,7 @@ from jitgate.kube.request_info import (
     ExecParams,
     RequestInfo,
     parse_request,
+    upgrade_refusal,
 )
 
 # TestGetAPIRequestInfo successCases:
@@ -396,3 +397,143 @@ def test_limits_are_inclusive():
     long = "/api/v1/namespaces/ns/configmaps/"
     long += "a" * (MAX_TARGET_LENGTH - len(long))
     assert len(parse_request("GET", long).name) == MAX_TARGET_LENGTH - len("/api/v1/namespaces/ns/configmaps/")
+
+
+# --- long-running calls and the `follow` attribute -------------------------------------------------
+
+LOG = "/api/v1/namespaces/ns/pods/p/log"
+
+
+@pytest.mark.parametrize(
+    "query,follow",
+    [
+        # runtime.Convert_Slice_string_To_bool, as the apiserver decodes PodLogOptions: only "0"
+        # and "false" (any case) are false; absent is false; anything else is true.
+        ("follow=true", True), ("follow=True", True), ("follow=TRUE", True), ("follow=1", True),
+        ("follow=t", True), ("follow=T", True), ("follow=yes", True), ("follow=", True), ("follow", True),
+        ("follow=false", False), ("follow=False", False), ("follow=FALSE", False), ("follow=0", False),
+        ("", False), ("container=c&tailLines=5", False),
+        ("follow=%54rue", True), ("follow=fal%73e", False),
+    ],
+)
+def test_log_follow_is_read_as_the_apiserver_reads_it(query, follow):
+    info = parse_request("GET", f"{LOG}?{query}" if query else LOG)
+    assert info.resource_path == "pods/log"
+    assert info.follow is follow
+    assert info.long_running is follow
+
+
+def test_follow_is_single_valued_and_ascii():
+    # kube takes the first value: a repeat could be read differently by another component
+    with pytest.raises(AmbiguousRequestError):
+        parse_request("GET", f"{LOG}?follow=false&follow=true")
+    with pytest.raises(AmbiguousRequestError):
+        parse_request("GET", f"{LOG}?follow=fal%C5%BFe")  # "falſe": Go's EqualFold says false
+
+
+def test_follow_only_means_something_on_pod_logs():
+    assert not parse_request("GET", "/api/v1/namespaces/ns/pods?follow=true").follow
+    assert not parse_request("GET", "/apis/example.com/v1/namespaces/ns/pods/p/log?follow=true").follow
+
+
+@pytest.mark.parametrize(
+    "method,target,headers,long_running",
+    [
+        # kube's BasicLongRunningRequestCheck: watch and proxy verbs...
+        ("GET", "/api/v1/pods?watch=true", None, True),
+        ("GET", "/api/v1/pods?watch=1", None, True),
+        ("GET", "/api/v1/watch/namespaces/ns/pods", None, True),
+        ("GET", "/api/v1/proxy/namespaces/ns/pods/p", None, True),
+        # ...and the attach, exec, portforward and proxy subresources, whatever the transport
+        ("GET", EXEC + "?command=sh", WS, True),
+        ("POST", EXEC + "?command=sh", {"Upgrade": "SPDY/3.1", "Connection": "Upgrade"}, True),
+        ("POST", EXEC + "?command=sh", None, True),
+        ("GET", "/api/v1/namespaces/ns/pods/p/attach", None, True),
+        ("GET", "/api/v1/namespaces/ns/pods/p/portforward?ports=80", None, True),
+        ("GET", "/api/v1/namespaces/ns/pods/p/proxy/x", None, True),
+        ("GET", "/api/v1/namespaces/ns/services/s/proxy/", None, True),
+        ("POST", "/api/v1/nodes/n/proxy/configz", None, True),
+        # any upgrade, on any path
+        ("GET", "/version", {"Upgrade": "websocket"}, True),
+        ("GET", "/api/v1/namespaces/ns/configmaps", {"Upgrade": "h2c"}, True),
+        # everything else ends with its response
+        ("GET", "/api/v1/pods", None, False),
+        ("GET", "/api/v1/pods?watch=false", None, False),
+        ("GET", "/api/v1/namespaces/ns/pods/p", None, False),
+        ("GET", "/api/v1/namespaces/ns/pods/p/log", None, False),
+        ("GET", "/api/v1/namespaces/ns/pods/p?watch=true", None, False),
+        ("POST", "/api/v1/namespaces/ns/pods/p/eviction", None, False),
+        ("GET", "/version", None, False),
+        ("GET", "/healthz/watch", None, False),
+    ],
+)
+def test_long_running_from_the_attributes_alone(method, target, headers, long_running):
+    assert parse_request(method, target, headers).long_running is long_running
+
+
+# --- upgrade handshakes the gateway can inspect ----------------------------------------------------
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample nonce
+GOOD = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"), (b"Sec-WebSocket-Version", b"13"),
+        (b"Sec-WebSocket-Key", KEY), (b"Sec-WebSocket-Protocol", b"v5.channel.k8s.io")]
+
+
+def _without(fields, name):
+    return [(k, v) for k, v in fields if k.lower() != name.lower()]
+
+
+@pytest.mark.parametrize(
+    "method,version,fields",
+    [
+        ("GET", "HTTP/1.1", []),
+        ("POST", "HTTP/2.0", [(b"content-type", b"application/json")]),
+        ("GET", "HTTP/1.1", [(b"Connection", b"keep-alive")]),
+        ("GET", "HTTP/1.1", GOOD),
+        ("GET", "HTTP/1.1", [(b"upgrade", b"WebSocket"), (b"connection", b"keep-alive, Upgrade"),
+                             (b"sec-websocket-version", b"13"), (b"sec-websocket-key", KEY)]),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Connection") + [(b"Connection", b"keep-alive"), (b"Connection", b"upgrade")]),
+    ],
+)
+def test_no_upgrade_or_a_well_formed_websocket_is_fine(method, version, fields):
+    assert upgrade_refusal(method, version, fields) is None
+
+
+@pytest.mark.parametrize(
+    "method,version,fields,what",
+    [
+        ("POST", "HTTP/1.1", [(b"Upgrade", b"SPDY/3.1"), (b"Connection", b"Upgrade")], "a SPDY upgrade"),
+        ("POST", "HTTP/1.1", [(b"Upgrade", b"spdy/3.1")], "a SPDY upgrade"),
+        ("GET", "HTTP/1.1", [(b"Upgrade", b"h2c"), (b"Connection", b"Upgrade, HTTP2-Settings")], "an upgrade to another protocol"),
+        ("GET", "HTTP/1.1", [(b"Upgrade", b"tcp")], "an upgrade to another protocol"),
+        ("GET", "HTTP/1.1", [(b"Upgrade", b"")], "an upgrade to another protocol"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Upgrade") + [(b"Upgrade", b"websocket, SPDY/3.1")], "a SPDY upgrade"),
+        # kube's IsUpgradeRequest reads only Connection, and proxies relay whatever follows
+        ("GET", "HTTP/1.1", [(b"Connection", b"Upgrade")], "a connection upgrade without an Upgrade header"),
+        ("GET", "HTTP/1.1", [(b"Connection", b"x-upgraded")], "a connection upgrade without an Upgrade header"),
+        # WebSocket handshakes mitmproxy would not read as WebSocket, or not as the cluster does
+        ("GET", "HTTP/1.1", GOOD + [(b"Sec-WebSocket-Version", b"13")], "Sec-WebSocket-Version"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Version") + [(b"Sec-WebSocket-Version", b"8")], "Sec-WebSocket-Version"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Version"), "Sec-WebSocket-Version"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Version") + [(b"Sec-WebSocket-Version", b"13, 13")], "Sec-WebSocket-Version"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Key"), "Sec-WebSocket-Key"),
+        ("GET", "HTTP/1.1", GOOD + [(b"Sec-WebSocket-Key", KEY)], "Sec-WebSocket-Key"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Key") + [(b"Sec-WebSocket-Key", b"c2hvcnQ=")], "Sec-WebSocket-Key"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Key") + [(b"Sec-WebSocket-Key", b"!" * 24)], "Sec-WebSocket-Key"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Sec-WebSocket-Key") + [(b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ")], "Sec-WebSocket-Key"),
+        ("GET", "HTTP/1.1", GOOD + [(b"Upgrade", b"websocket")], "Upgrade must be exactly"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Upgrade") + [(b"Upgrade", b"websocket, websocket")], "Upgrade must be exactly"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Connection"), "Connection must name"),
+        ("GET", "HTTP/1.1", _without(GOOD, b"Connection") + [(b"Connection", b"upgraded")], "Connection must name"),
+        ("POST", "HTTP/1.1", GOOD, "HTTP/1.1 GET"),
+        ("GET", "HTTP/1.0", GOOD, "HTTP/1.1 GET"),
+        ("GET", "HTTP/2.0", GOOD, "HTTP/1.1 GET"),
+    ],
+)
+def test_uninspectable_upgrades(method, version, fields, what):
+    refusal = upgrade_refusal(method, version, fields)
+    assert refusal is not None and what in refusal
+
+
+def test_upgrade_refusal_never_quotes_header_values():
+    refusal = upgrade_refusal("GET", "HTTP/1.1", [(b"Upgrade", b"evil\x1b[31m<script>"), (b"Connection", b"upgrade")])
+    assert refusal == "an upgrade to another protocol"

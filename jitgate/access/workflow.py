@@ -32,6 +32,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{base64.b32encode(os.urandom(10)).decode()[:10].lower()}"
 
 
+def same_person(a: str, b: str) -> bool:
+    """Whether two usernames may be one person, for the checks that need different people (never
+    the requester, N distinct reviewers). Identity providers treat emails case-insensitively
+    (Alice@Example.com signs in as alice@example.com), so names are compared case-folded: the
+    cautious reading, since it can only refuse a review, never let one count twice."""
+    return a == b or a.casefold() == b.casefold()
+
+
 def check_reason(reason: str | None, required: bool, what: str = "a reason") -> str:
     reason = (reason or "").strip()
     if required and not reason:
@@ -102,12 +110,12 @@ def review_request(
             f"access rule {request.rule!r} of request {request.id} is no longer in the policy; "
             f"the request cannot be reviewed (it expires at {rfc3339(request.expires_at)})"
         )
-    if reviewer.username == request.requester:
+    if same_person(reviewer.username, request.requester):
         raise NotAllowed(f"you cannot review your own request {request.id}")
     if not rule.is_reviewer(reviewer.groups):
         groups = ", ".join(rule.approval.reviewers) or "none"
         raise NotAllowed(f"you are not a reviewer of access rule {rule.name!r} (reviewer groups: {groups})")
-    earlier = request.review_by(reviewer.username)
+    earlier = next((r for r in request.reviews if same_person(r.reviewer, reviewer.username)), None)
     if earlier is not None:
         raise Conflict(f"you already {'approved' if earlier.decision is Decision.APPROVE else 'denied'} request {request.id}")
     reason = check_reason(reason, decision is Decision.DENY, "a reason for the denial")

@@ -26,6 +26,10 @@ class AuditLog:
 
     Directories it creates are 0700 and a file it creates is 0600; existing ones keep their
     modes. With `fsync`, each line is on disk before `write` returns.
+
+    A failing device may take part of a line. That part is cut off again (the file stays valid
+    JSON lines), or, where it cannot be, ended with a newline; when even that fails, the next
+    write starts with one. A reader never sees two events on one line.
     """
 
     def __init__(self, path: str | Path, fsync: bool = False) -> None:
@@ -33,6 +37,7 @@ class AuditLog:
         self.path = Path(path)
         self.fsync = fsync and not self.to_stdout  # fsync is meaningless on a pipe or tty
         self._lock = threading.Lock()
+        self._partial = False  # the log may end in part of a line: start the next write on a new one
         if self.to_stdout:
             self._fd, self._ident = 1, (0, 0)
         else:
@@ -60,6 +65,7 @@ class AuditLog:
         # Open the new file first: if that fails the old descriptor stays for the next try.
         fd, ident = self._open()
         old, self._fd, self._ident = self._fd, fd, ident
+        self._partial = False
         os.close(old)
 
     def write(self, event: Mapping) -> None:
@@ -71,20 +77,38 @@ class AuditLog:
             if self._fd < 0:
                 raise AuditLogError("audit log is closed")
             if self.to_stdout:
-                self._write_all(line)
+                self._write_all(b"\n" + line if self._partial else line)
+                self._partial = False
                 return
             self._reopen_if_rotated()
+            data = b"\n" + line if self._partial else line
             try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    # Only a failing device writes part of a line; end it so the next line
-                    # starts clean, then report the loss.
-                    _try_write(self._fd, b"\n")
-                    raise AuditLogError(f"short write to audit log {self.path}")
-                if self.fsync:
-                    os.fsync(self._fd)
-            except OSError as e:
+                written = os.write(self._fd, data)
+            except OSError as e:  # nothing was written
                 raise AuditLogError(f"cannot write audit log {self.path}: {e.strerror or e}") from e
+            if written != len(data):
+                self._partial = self._after_short_write(written)
+                raise AuditLogError(f"short write to audit log {self.path}")
+            self._partial = False
+            if self.fsync:
+                try:
+                    os.fsync(self._fd)
+                except OSError as e:
+                    raise AuditLogError(f"cannot flush audit log {self.path}: {e.strerror or e}") from e
+
+    def _after_short_write(self, written: int) -> bool:
+        """Undo or end the part of a line just written; returns whether the log may end in a partial line."""
+        if written <= 0:
+            return self._partial
+        try:
+            # O_APPEND put our bytes at the end: when nothing was appended after them, cut them off.
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)
+            if os.fstat(self._fd).st_size == end:
+                os.ftruncate(self._fd, end - written)
+                return self._partial
+        except OSError:
+            pass
+        return not _try_write(self._fd, b"\n")
 
     def _write_all(self, data: bytes) -> None:
         # Pipes take large writes in pieces; lines up to PIPE_BUF (4 KiB) are still whole.
@@ -93,6 +117,8 @@ class AuditLog:
             while view:
                 view = view[os.write(self._fd, view) :]
         except OSError as e:
+            if len(view) < len(data):
+                self._partial = True  # a pipe cannot be cut back
             raise AuditLogError(f"cannot write audit log to stdout: {e.strerror or e}") from e
 
     def close(self) -> None:
@@ -111,8 +137,8 @@ class AuditLog:
         self.close()
 
 
-def _try_write(fd: int, data: bytes) -> None:
+def _try_write(fd: int, data: bytes) -> bool:
     try:
-        os.write(fd, data)
+        return os.write(fd, data) == len(data)
     except OSError:
-        pass
+        return False

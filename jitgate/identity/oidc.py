@@ -187,6 +187,19 @@ def _quote(value: object, limit: int = 80) -> str:
     return json.dumps(text)
 
 
+def _check_name(name: str, claim: str) -> None:
+    """A username or group goes into `Impersonate-*` headers, audit lines and approvals as it is:
+    it must be one printable line without surrounding whitespace. A CR/LF would split the header
+    (a second `Impersonate-Group: system:masters`), a leading space or tab is trimmed by the cluster's
+    header parser after the reserved-name check saw it, and format characters (bidi overrides,
+    zero-width joiners) make two names look alike to a reviewer."""
+    if not name.isprintable() or name != name.strip():
+        raise TokenError(f"token claim {_quote(claim)} holds a name with control characters or leading or "
+                         "trailing whitespace")
+    if not name:
+        raise TokenError(f"token claim {_quote(claim)} holds an empty name")
+
+
 def _b64decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
@@ -500,9 +513,14 @@ class OIDCVerifier:
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise TokenError(f"token claim {_quote(config.groups_claim)} is not a string or a list of strings")
 
+        username = config.effective_username_prefix + username
+        groups = tuple(config.groups_prefix + g for g in groups)
+        _check_name(username, config.username_claim)
+        for group in groups:
+            _check_name(group, config.groups_claim)
         return Identity(
-            username=config.effective_username_prefix + username,
-            groups=tuple(config.groups_prefix + g for g in groups),
+            username=username,
+            groups=groups,
             issuer=config.issuer_url,
             subject=subject,
             expires_at=float(min(exp, _LATEST_TIME)),

@@ -28,7 +28,9 @@ Deliberate differences from the apiserver, all towards refusing or asking for mo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import binascii
+from base64 import b64decode
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -59,6 +61,11 @@ METHOD_VERBS: Mapping[str, str] = {
 STREAM_SUBRESOURCES = frozenset({"exec", "attach", "portforward"})
 CONNECT_SUBRESOURCES = STREAM_SUBRESOURCES | {"proxy"}
 
+# kube-apiserver's LongRunningRequestCheck (genericfilters.BasicLongRunningRequestCheck): these
+# verbs and subresources may run for as long as the connection lasts.
+LONG_RUNNING_VERBS = frozenset({"watch", "proxy"})
+LONG_RUNNING_SUBRESOURCES = frozenset({"attach", "exec", "proxy", "portforward"})
+
 # Query keys that change the verb, the name or what an exec/attach session can do.
 SINGLE_VALUED_PARAMS = frozenset(
     {
@@ -72,6 +79,7 @@ SINGLE_VALUED_PARAMS = frozenset(
         "stdout",
         "stderr",
         "tty",
+        "follow",
     }
 )
 
@@ -124,6 +132,8 @@ class RequestInfo:
     exec: ExecParams | None = None
     # The requested protocol upgrade ("websocket", "spdy/3.1"), lower-cased; "" for none.
     upgrade: str = ""
+    # pods/log with `follow` true as the apiserver decodes it (any value but "0"/"false").
+    follow: bool = False
 
     @property
     def resource_path(self) -> str:
@@ -142,6 +152,21 @@ class RequestInfo:
     @property
     def is_websocket(self) -> bool:
         return "websocket" in self.upgrade
+
+    @property
+    def long_running(self) -> bool:
+        """A call that lasts as long as its connection: a watch, a followed log, exec, attach,
+        port-forward, proxy, or any protocol upgrade. kube's long-running check, except that a
+        log is long-running only when followed (without `follow` it ends with the log)."""
+        if self.upgrade:
+            return True
+        if not self.is_resource_request:
+            return False
+        return (
+            self.verb in LONG_RUNNING_VERBS
+            or self.subresource in LONG_RUNNING_SUBRESOURCES
+            or self.follow
+        )
 
 
 def parse_request(method: str, target: str, headers: Mapping[str, str] | None = None) -> RequestInfo:
@@ -203,10 +228,14 @@ def parse_request(method: str, target: str, headers: Mapping[str, str] | None = 
         label_selector = _first(params, "labelSelector")
 
     exec_params = None
-    if resource == "pods" and not group and subresource in STREAM_SUBRESOURCES:
-        exec_params = _exec_params(subresource, params)
-        if verb == "get":
-            verb = "create"
+    follow = False
+    if resource == "pods" and not group:
+        if subresource in STREAM_SUBRESOURCES:
+            exec_params = _exec_params(subresource, params)
+            if verb == "get":
+                verb = "create"
+        elif subresource == "log":
+            follow = _go_bool(params, "follow")
 
     return RequestInfo(
         True,
@@ -224,6 +253,7 @@ def parse_request(method: str, target: str, headers: Mapping[str, str] | None = 
         label_selector,
         exec_params,
         upgrade,
+        follow,
     )
 
 
@@ -476,3 +506,72 @@ def _upgrade(headers: Mapping[str, str]) -> str:
         # costs microseconds, so it is not repeated.
         upgrade = headers.get("upgrade")
     return upgrade.strip().lower() if upgrade else ""
+
+
+# --- connection upgrades ---------------------------------------------------------------------------
+
+_WEBSOCKET_KEY_LENGTH = 16  # RFC 6455 4.1: the key is 16 random bytes, base64-encoded
+_UPGRADE_NAME_LENGTHS = frozenset((len(b"upgrade"), len(b"connection")))
+
+
+def upgrade_refusal(method: str, http_version: str, fields: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why an upgrade request cannot be inspected, in words for the caller; None for a request
+    that asks for no upgrade, or for a well-formed WebSocket handshake (RFC 6455 4.1).
+
+    `fields` are the raw header fields, (name, value) byte pairs as mitmproxy's `Headers.fields`.
+    An upgrade is asked for by any `Upgrade` header, or by a `Connection` header that mentions
+    "upgrade" anywhere: kube-apiserver's `httpstream.IsUpgradeRequest` looks only at that, and its
+    proxies then relay whatever the backend switches to. The answer never quotes header values.
+    """
+    fields = tuple(fields)
+    # This runs on every call, and most ask for no upgrade: find that out cheaply first.
+    for name, _ in fields:
+        if len(name) in _UPGRADE_NAME_LENGTHS and name.lower() in (b"upgrade", b"connection"):
+            break
+    else:
+        return None
+    upgrades: list[bytes] = []
+    connections: list[bytes] = []
+    versions: list[bytes] = []
+    keys: list[bytes] = []
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"upgrade":
+            upgrades.append(value)
+        elif lname == b"connection":
+            connections.append(value.lower())
+        elif lname == b"sec-websocket-version":
+            versions.append(value)
+        elif lname == b"sec-websocket-key":
+            keys.append(value)
+    if not upgrades and not any(b"upgrade" in c for c in connections):
+        return None
+    if not upgrades:
+        return "a connection upgrade without an Upgrade header"
+    protocols = {p.strip().lower() for u in upgrades for p in u.split(b",")}
+    if protocols != {b"websocket"}:
+        if any(p.startswith(b"spdy/") for p in protocols):
+            return "a SPDY upgrade"
+        return "an upgrade to another protocol"
+    what = "a malformed WebSocket handshake"
+    # A WebSocket handshake the gateway (and mitmproxy's WebSocket layer) reads exactly one way.
+    if len(upgrades) != 1 or upgrades[0].strip().lower() != b"websocket":
+        return f"{what} (Upgrade must be exactly 'websocket', once)"
+    if not any(token.strip() == b"upgrade" for c in connections for token in c.split(b",")):
+        return f"{what} (Connection must name 'upgrade')"
+    if method != "GET" or http_version != "HTTP/1.1":
+        return f"{what} (it must be an HTTP/1.1 GET)"
+    if len(versions) != 1 or versions[0].strip() != b"13":
+        return f"{what} (Sec-WebSocket-Version must be 13, once)"
+    if len(keys) != 1 or not _is_websocket_key(keys[0].strip()):
+        return f"{what} (Sec-WebSocket-Key must be one base64 nonce of 16 bytes)"
+    return None
+
+
+def _is_websocket_key(key: bytes) -> bool:
+    if len(key) != 24:
+        return False
+    try:
+        return len(b64decode(key, validate=True)) == _WEBSOCKET_KEY_LENGTH
+    except (binascii.Error, ValueError):
+        return False
