@@ -210,7 +210,9 @@ class ClusterRouting:
         cluster = self.policy.cluster_at(*server.address) if self.policy and server.address else None
         if cluster is None:
             # Only checked calls reach here; anything else must not open a connection.
-            server.error = f"jitgate: refusing to connect to {server.address}: not a configured cluster"
+            # The address stays in the log; mitmproxy's error page repeats server.error to the caller.
+            log.error("refusing to connect to %s: not a configured cluster", server.address)
+            server.error = "jitgate: refusing to connect: not a configured cluster"
             return
         server.sni = cluster.host
 
@@ -248,8 +250,8 @@ class ClusterRouting:
         assert isinstance(server, connection.Server)
         cluster = self.policy.by_endpoint_host(server.sni) if self.policy and server.sni else None
         if cluster is None:
-            # Leave ssl_conn unset: mitmproxy's own TLS setup verifies against its defaults instead.
-            return
+            # Never fall back to mitmproxy's own TLS defaults; the dispatcher refuses the handshake.
+            raise RuntimeError(f"upstream TLS to {server.sni!r}, which names no cluster")
         conn = SSL.Connection(self.tls_contexts[cluster.name])
         param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
         SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, _HOSTFLAGS)  # type: ignore[attr-defined]

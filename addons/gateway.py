@@ -11,6 +11,26 @@ scripts/benchmark --profile). The dispatcher also fails closed: a step that brea
 refuses the call (or the connection, in a connection or TLS hook) instead of letting it go on past
 the steps it skipped, or with mitmproxy's defaults; the audit step still runs, so the refusal is
 recorded.
+
+Which step runs in which hook, in chain order (tests/test_gateway_table.py checks this table
+against the code; `python -m tests.test_gateway_table` prints it):
+
+    next_layer               ClusterRouting
+    server_connect           ClusterRouting
+    tcp_start                ClusterRouting, Audit
+    tcp_message              ClusterRouting
+    tls_start_server         ClusterRouting
+    tls_established_client   ClusterRouting
+    requestheaders           RequestHygiene, Identity, RequestAttributes, Streaming, Audit
+    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, Grants, UpstreamCredential, Audit
+    responseheaders          Streaming, Grants, UpstreamCredential, Audit
+    response                 Streaming, Grants, Audit
+    error                    Grants, UpstreamCredential, Audit
+    http_connect             ClusterRouting, Audit
+    websocket_end            Grants, Audit
+
+Lifecycle hooks (load, configure, running, done) run in every step that has them. Flows read back
+with `-r` (not live) skip the chain: nothing is checked or sent again.
 """
 
 from __future__ import annotations

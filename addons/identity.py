@@ -136,7 +136,10 @@ class Identity:
         try:
             identity = await self.verifier.averify(token)
         except IssuerUnavailable as e:
-            refuse(flow, 503, f"jitgate: cannot verify the token now: {e.reason}")
+            # The reason names the issuer's discovery and JWKS URLs: for the gateway's log only.
+            log.warning("cannot verify a token (audit ID %s): %s", call.audit_id, e.reason)
+            refuse(flow, 503, "jitgate: the identity provider cannot be reached to verify the token now; "
+                              f"try again shortly (audit ID {call.audit_id})")
             return
         except TokenError as e:
             refuse(flow, 401, f"jitgate: invalid bearer token: {e.reason}")

@@ -128,6 +128,29 @@ def test_identity_step_authenticates_at_requestheaders() -> None:
             assert "system:admin" not in f.response.text
 
 
+def test_an_unreachable_identity_provider_is_503_without_its_urls(caplog) -> None:
+    """The verifier's reason names discovery/JWKS URLs: the log keeps them, the caller gets the audit ID."""
+    from jitgate.identity.oidc import IssuerUnavailable
+
+    module = load_addon("identity")
+    step = module.Identity()
+
+    class Unreachable:
+        async def averify(self, token):
+            raise IssuerUnavailable("cannot fetch https://idp.internal.example:8443/.well-known/jwks.json: timed out")
+
+    with taddons.context(step):
+        step.verifier = Unreachable()
+        flow = tflow.tflow()
+        flow.request.headers["Authorization"] = "Bearer t"
+        caplog.set_level("WARNING", "jitgate.identity")
+        asyncio.run(step.requestheaders(flow))
+        assert flow.response.status_code == 503 and call_of(flow).denied
+        assert "idp.internal" not in flow.response.text and "https://" not in flow.response.text
+        assert call_of(flow).audit_id in flow.response.text
+        assert "idp.internal.example" in caplog.text
+
+
 # --- end to end against a cluster with impersonation ------------------------------------------------
 
 
