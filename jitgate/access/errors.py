@@ -43,3 +43,11 @@ class Conflict(AccessError):
     reason = "Conflict"
 
 
+class StoreError(AccessError):
+    """The grant store cannot answer (raised by jitgate.store backends); callers deny (fail closed)."""
+
+    status = 503
+    reason = "ServiceUnavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"grant store unavailable: {message}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jitgate.access.authorize import CallDecision, authorize_call, scope_for_call
-from jitgate.access.errors import AccessError
+from jitgate.access.errors import AccessError, StoreError
 from jitgate.access.messages import notification_view
 from jitgate.access.model import (
     AccessRequest,
@@ -32,7 +32,6 @@ from jitgate.access.model import (
 from jitgate.access.rules import AccessRule, choose_rule
 from jitgate.kube.request_info import RequestInfo
 from jitgate.notify.webhooks import Notifier, Webhook
-from jitgate.store.sqlite import SQLiteStore, StoreError
 
 log = logging.getLogger("jitgate.access.service")
 
@@ -60,8 +59,11 @@ class AccessService:
     # maintenance interval).
     CHANGE_CHECK_SECONDS = 0.1
 
-    def __init__(self) -> None:
-        self.store: SQLiteStore | None = None
+    def __init__(self, store_factory: Callable[[str], Any] | None = None) -> None:
+        # A jitgate.store backend (SQLiteStore), opened by `open_store` through the factory the host
+        # gives: the store package builds on this one (it persists its records), so this one never imports it.
+        self.store = None
+        self.store_factory = store_factory
         self.rules: tuple[AccessRule, ...] = ()
         self.webhooks: tuple[Webhook, ...] = ()
         self.notifier: Notifier | None = None
@@ -86,7 +88,9 @@ class AccessService:
 
     def open_store(self, path: str) -> None:
         """Open (or replace) the store; raises StoreError. Called at configuration time."""
-        store = SQLiteStore(path)
+        if self.store_factory is None:
+            raise StoreError("no grant store backend is configured")
+        store = self.store_factory(path)
         try:
             cursor = store.last_event_id()
         except StoreError:
@@ -126,7 +130,7 @@ class AccessService:
 
     # --- the per-call check -----------------------------------------------------------------------
 
-    def _require_store(self) -> SQLiteStore:
+    def _require_store(self):
         if self.store is None:
             raise StoreError("no grant store is configured")
         return self.store

@@ -15,9 +15,10 @@ import time
 
 from mitmproxy import ctx, exceptions
 
+from jitgate.access.errors import StoreError
 from jitgate.access.service import AccessService
 from jitgate.chain.flow import current_policy, declare_policy_option
-from jitgate.store.sqlite import StoreError
+from jitgate.store.sqlite import SQLiteStore
 
 log = logging.getLogger("jitgate.access")
 
@@ -25,6 +26,8 @@ log = logging.getLogger("jitgate.access")
 class AccessServiceHost:
     def __init__(self, service: AccessService) -> None:
         self.service = service
+        if service.store_factory is None:
+            service.store_factory = SQLiteStore  # the embedded default backend
         self.maintenance: asyncio.Task | None = None
         self.store_failing = False
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jitgate.access.errors import AccessError, InvalidRequest, NotFound
+from jitgate.access.errors import AccessError, InvalidRequest, NotFound, StoreError
 from jitgate.access.model import (
     AccessRequest,
     Decision,
@@ -54,16 +54,6 @@ from jitgate.access.workflow import (
 from jitgate.files import make_private_dirs
 
 T = TypeVar("T")
-
-
-class StoreError(AccessError):
-    """The grant store cannot answer; callers deny (fail closed) and show the message."""
-
-    status = 503
-    reason = "ServiceUnavailable"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"grant store unavailable: {message}")
 
 
 @dataclass(frozen=True)

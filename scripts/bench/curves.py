@@ -164,7 +164,7 @@ class DecisionBench:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.directory = scratch_dir()
-        self.service = AccessService()
+        self.service = AccessService(store_factory=SQLiteStore)
         self.service.open_store(str(self.directory / "grants.db"))
         self.service.set_policy(policy.access_rules, ())
         self.store: SQLiteStore = self.service.store
