@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 
@@ -22,8 +23,9 @@ def parse_duration(text: str) -> int:
     return ((d * 24 + h) * 60 + mi) * 60 + s
 
 
-def format_duration(seconds: float) -> str:
-    """The shortest `1h30m`-style text for whole seconds."""
+def format_duration(seconds: float, units: int | None = None) -> str:
+    """The shortest `1h30m`-style text for whole seconds; `units` keeps only the largest ones
+    (`units=2`: 3d4h, 1h5m, 59s), for tables people scan."""
     seconds = int(seconds)
     if seconds <= 0:
         return "0s"
@@ -32,12 +34,21 @@ def format_duration(seconds: float) -> str:
         if seconds >= size:
             out.append(f"{seconds // size}{unit}")
             seconds %= size
-    return "".join(out)
+    return "".join(out[:units])
 
 
-def rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
+def rfc3339(moment: float | datetime.datetime | None, milliseconds: bool = False) -> str | None:
+    """UTC RFC 3339 (`2026-12-01T10:00:00Z`, or with `.123` milliseconds); None stays None.
+    A datetime must say its time zone."""
+    if moment is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    if isinstance(moment, datetime.datetime):
+        if moment.tzinfo is None:
+            raise ValueError("naive datetime: its time zone is unknown")
+        moment = moment.timestamp()
+    if not milliseconds:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+    instant = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc)
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -44,6 +44,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from jitgate.timefmt import format_duration, rfc3339
+
 if TYPE_CHECKING:
     # Only for annotations: policy.py reads this module's config, and `jitgate policy check`
     # should not pay for importing aiohttp, which is imported where deliveries start.
@@ -90,12 +92,8 @@ MAX_TEXT = 1000  # user-supplied text in a Slack message is cut here (section te
 # Events
 
 
-def rfc3339(moment: float | datetime.datetime) -> str:
-    if not isinstance(moment, datetime.datetime):
-        moment = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc)
-    elif moment.tzinfo is None:
-        raise ValueError("naive datetime: its time zone is unknown")
-    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _rfc3339_ms(moment: float | datetime.datetime) -> str:
+    return rfc3339(moment, milliseconds=True)
 
 
 def make_event(kind: str, request: Mapping[str, Any], actor: str | None = None, reason: str | None = None,
@@ -129,7 +127,7 @@ def make_event(kind: str, request: Mapping[str, Any], actor: str | None = None, 
     return {
         "type": EVENT_PREFIX + kind,
         "id": str(uuid.uuid4()),
-        "time": rfc3339(time.time() if now is None else now),
+        "time": _rfc3339_ms(time.time() if now is None else now),
         "request": view,
         "actor": None if actor is None else {"username": actor},
         "reason": reason,
@@ -211,7 +209,7 @@ def _moment(data: Mapping[str, Any], key: str, where: str = "request") -> str | 
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float, datetime.datetime)) and not isinstance(value, bool):
-        return rfc3339(value)
+        return _rfc3339_ms(value)
     raise ValueError(f"{where}.{key}: expected a time")
 
 
@@ -252,14 +250,7 @@ def _code(text: str) -> str:
 
 
 def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "policy default"
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts)
+    return "policy default" if seconds is None else format_duration(seconds)
 
 
 _HEADLINES = {
