@@ -22,12 +22,13 @@ against the code; `python -m tests.test_gateway_table` prints it):
     tls_start_server         ClusterRouting
     tls_established_client   ClusterRouting
     requestheaders           RequestHygiene, Identity, RequestAttributes, Streaming, Audit
-    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, Grants, UpstreamCredential, Audit
-    responseheaders          Streaming, Grants, UpstreamCredential, Audit
-    response                 Streaming, Grants, Audit
+    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, SelfReview, Grants, Guardrails, UpstreamCredential, Masking, Audit
+    responseheaders          Streaming, Grants, UpstreamCredential, Masking, Audit
+    response                 Streaming, SelfReview, Grants, Masking, Audit
     error                    Grants, UpstreamCredential, Audit
     http_connect             ClusterRouting, Audit
-    websocket_end            Grants, Audit
+    websocket_message        Guardrails, Masking
+    websocket_end            Grants, Guardrails, Masking, Audit
 
 Lifecycle hooks (load, configure, running, done) run in every step that has them. Flows read back
 with `-r` (not live) skip the chain: nothing is checked or sent again.
@@ -65,8 +66,11 @@ CHAIN = (
     "request_attributes",  # verb, resource, namespace, name, exec command, as kube-apiserver reads them
     "streaming",  # watch / log -f flow through unbuffered; marks long-running calls
     "access_api",  # /jitgate/v1/: requests, reviews, grants, whoami (answered here, never forwarded)
+    "self_review",  # kubectl auth whoami / can-i / can-i --list: answered for every caller, from grants and cluster RBAC
     "grants",  # an active grant must cover the call (or it is held for approval); ends sessions of ended grants
+    "guardrails",  # dangerous operations denied, held for approval or marked, whatever the grant; typed exec lines
     "upstream_credential",  # the gateway's own cluster credential; scrubbed once sent
+    "masking",  # secret values masked in every response shape, before anything records or audits it
     "audit",  # one audit.k8s.io Event per call, written before the response is released
 )
 
@@ -338,6 +342,10 @@ def build_chain() -> list:
             steps += [AccessServiceHost(service), modules[name].AccessAPIServer(service)]
         elif name == "grants":
             steps.append(modules[name].Grants(service))
+        elif name == "self_review":
+            steps.append(modules[name].SelfReview(service))
+        elif name == "guardrails":
+            steps.append(modules[name].Guardrails(service))  # files and decides operation approvals
         else:
             steps += modules[name].addons
     return steps

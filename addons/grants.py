@@ -9,24 +9,41 @@ Decisions come from the access service (jitgate.access.service), which reads the
 (SQLite in the state folder by default, shared with the CLI and the HTTP API) on its own thread;
 a store failure refuses calls (fail closed). Its background run approves due automatic approvals
 and expires requests and grants; this step then ends the live watches, log follows and exec
-sessions of grants that expired or were revoked (by this process or any other), within seconds.
+sessions of grants that expired or were revoked (by this process or any other), within seconds:
+unless another active grant of the same caller covers the session, which then moves to it
+(`jitgate.dev/grant-moved`). An ended session is told why in its protocol's own way first (see
+jitgate.kube.stream_endings; on reverse-mode listeners), and its audit event says the same
+(`jitgate.dev/terminated`, `jitgate.dev/termination-notice`).
 
     mitmdump -s addons/gateway.py --set policy=policies/ --set grant_store=state/jitgate.db
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict, defaultdict
 
 from mitmproxy import ctx, exceptions, http
 
+from jitgate.access.authorize import authorize_call
 from jitgate.access.messages import how_to_request
 from jitgate.access.service import AccessService
 from jitgate.chain.call import Call
-from jitgate.chain.flow import call_of, close_client_connection, current_policy, declare_policy_option, refuse
+from jitgate.chain.flow import (
+    call_of,
+    close_client_connection,
+    close_websocket,
+    current_policy,
+    declare_policy_option,
+    end_response_stream,
+    refuse,
+    send_websocket_to_client,
+)
 from jitgate.chain.service_host import AccessServiceHost
+from jitgate.kube import stream_endings
 from jitgate.store.sqlite import StoreError
 
 log = logging.getLogger("jitgate.grants")
@@ -37,6 +54,10 @@ REQUIRE_GRANT_OFF = "require_grant is off: no grant covers this call"
 
 
 class Grants:
+    # How long an ending session's notice (watch ERROR event, exec error channel, last log line)
+    # has to go out before the connection is closed.
+    NOTICE_SECONDS = 0.5
+
     def __init__(self, service: AccessService) -> None:
         self.service = service
         # grant id -> long-running flows on it, and when the grant ends.
@@ -44,6 +65,9 @@ class Grants:
         self.live_ends: dict[str, float] = {}
         # Grants ended lately (revoked...), for sessions whose response starts after the sweep.
         self.ended: OrderedDict[str, str] = OrderedDict()
+        # Sessions whose grant ended, while another grant that may cover them is looked up.
+        self.pending: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self.tasks: set[asyncio.Task] = set()
         service.listeners.append(self.grants_ended)
 
     def load(self, loader) -> None:
@@ -84,7 +108,8 @@ class Grants:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if flow.response or call.denied or call.identity is None or call.cluster is None or call.info is None:
+        # A call an earlier step decided (self_review: kubectl's own questions) is not checked again.
+        if flow.response or call.decision or call.identity is None or call.cluster is None or call.info is None:
             return
         try:
             if await self.allow_if_granted(call):
@@ -137,6 +162,7 @@ class Grants:
         self.live_ends[grant.id] = grant.ends_at
 
     def forget(self, flow: http.HTTPFlow) -> None:
+        self.pending.discard(flow)
         grant = call_of(flow).grant
         if grant is not None and grant.id in self.live:
             self.live[grant.id].discard(flow)
@@ -155,27 +181,108 @@ class Grants:
         self.forget(flow)
 
     @staticmethod
-    def terminated(call: Call, why: str) -> None:
+    def terminated(call: Call, why: str, message: str = "") -> None:
         call.annotations["jitgate.dev/terminated"] = why
-        call.reason = f"{call.reason}; session ended: {why}"
+        call.reason = f"{call.reason}; session ended: {message or why}"
 
     def end_sessions(self, grant_id: str, why: str) -> None:
-        for flow in list(self.live.pop(grant_id, ())):
-            call = call_of(flow)
-            self.terminated(call, why)
-            closed = close_client_connection(flow, why)
-            log.info("ended a live %s of %s on grant %s (%s)%s", call.info.resource_path if call.info else "call",
-                     call.identity.username if call.identity else "?", grant_id, why, "" if closed else " [already closed]")
+        """The grant ended: each of its live sessions moves to another active grant of the same
+        caller that covers it, or ends, telling the client why."""
+        flows = list(self.live.pop(grant_id, ()))
         self.live_ends.pop(grant_id, None)
+        for flow in flows:
+            self.pending.add(flow)
+            task = asyncio.ensure_future(self.move_or_end(flow, grant_id, why))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def covering_grant(self, call: Call, ended_id: str):
+        """Another active grant of the caller that covers the call, or None (a store failure: None,
+        fail closed). The service's cached grants may still hold the ended one: it is left out."""
+        self.service.counter_checked = float("-inf")  # the ending is a change: read the store now
+        try:
+            grants = await self.service.active_grants(call.identity.username, call.cluster.name)
+        except StoreError as e:
+            log.error("grant store unavailable, ending a session of grant %s: %s", ended_id, e)
+            return None
+        others = [g for g in grants if g.id != ended_id and g.id not in self.ended]
+        return authorize_call(others, call.cluster.name, call.info, time.time()).grant
+
+    async def move_or_end(self, flow: http.HTTPFlow, grant_id: str, why: str) -> None:
+        call = call_of(flow)
+        try:
+            grant = None
+            if call.identity is not None and call.cluster is not None and call.info is not None:
+                grant = await self.covering_grant(call, grant_id)
+            if flow not in self.pending:
+                return  # the session ended on its own meanwhile
+            if grant is not None and grant.ends_at > time.time():
+                self.move(flow, call, grant_id, grant, why)
+            else:
+                self.end_session(flow, call, grant_id, why)
+        finally:
+            self.pending.discard(flow)
+
+    def move(self, flow: http.HTTPFlow, call: Call, old_id: str, grant, why: str) -> None:
+        call.grant = grant
+        call.annotations["jitgate.dev/grant"] = grant.id
+        call.annotations["jitgate.dev/access-request"] = grant.request_id
+        call.annotations["jitgate.dev/grant-moved"] = f"{old_id} -> {grant.id} ({why})"
+        call.reason = f"{call.reason}; {why}: continues under grant {grant.id}"
+        self.live[grant.id].add(flow)
+        self.live_ends[grant.id] = grant.ends_at
+        log.info("a live %s of %s moved from grant %s (%s) to grant %s", call.info.resource_path,
+                 call.identity.username, old_id, why, grant.id)
+
+    def ending_message(self, call: Call, why: str) -> str:
+        message = f"jitgate: this session ended: {why}"
+        if call.identity is not None and call.cluster is not None and call.info is not None:
+            try:
+                hint = how_to_request(self.service.rules, call.identity.groups, call.cluster.name, call.info)
+            except ValueError:
+                hint = ""
+            if hint.startswith("jitgate: "):
+                message += "; " + hint[len("jitgate: "):]
+        return message
+
+    def end_session(self, flow: http.HTTPFlow, call: Call, grant_id: str, why: str) -> None:
+        message = self.ending_message(call, why)
+        # Annotated first: the notice may run the flow's last hooks (audit) before the send returns.
+        self.terminated(call, why, message)
+        call.annotations["jitgate.dev/termination-notice"] = "sent"
+        told = False
+        if flow.websocket is not None:
+            protocol = flow.response.headers.get("Sec-WebSocket-Protocol", "") if flow.response else ""
+            frames = stream_endings.exec_error_frames(protocol, message)
+            told = bool(frames) and all(send_websocket_to_client(flow, frame) for frame in frames)
+            if told:
+                close_websocket(flow, stream_endings.websocket_close_frame(1000, "jitgate: session ended"))
+        elif flow.response is not None:
+            headers = flow.response.headers
+            data = stream_endings.stream_ending(headers.get("Content-Type", ""), headers.get("Content-Encoding", ""),
+                                                call.info is not None and call.info.subresource == "log", message)
+            told = data is not None and end_response_stream(flow, data)
+        if not told:
+            call.annotations["jitgate.dev/termination-notice"] = "none (connection closed only)"
+        # The notice is on its way through the connection's own event queue; the close comes after it.
+        delay = self.NOTICE_SECONDS if told else 0
+        asyncio.get_running_loop().call_later(delay, self.close, flow, why)
+        log.info("ended a live %s of %s on grant %s (%s)%s", call.info.resource_path if call.info else "call",
+                 call.identity.username if call.identity else "?", grant_id, why, "" if told else " [no notice]")
+
+    @staticmethod
+    def close(flow: http.HTTPFlow, why: str) -> None:
+        close_client_connection(flow, why)
 
     def grants_ended(self, now: float, ended: list[tuple[str, str]]) -> None:
-        """After each maintenance run: end sessions whose grant ran out or was ended."""
+        """After each maintenance run: move or end the sessions whose grant ran out or was ended."""
+        for grant_id, why in ended:
+            self.ended[grant_id] = why
+            self.ended.move_to_end(grant_id)
         for grant_id, ends_at in list(self.live_ends.items()):
             if ends_at <= now:
                 self.end_sessions(grant_id, "grant expired")
         for grant_id, why in ended:
-            self.ended[grant_id] = why
-            self.ended.move_to_end(grant_id)
             self.end_sessions(grant_id, why)
         while len(self.ended) > ENDED_GRANTS_KEPT:
             self.ended.popitem(last=False)

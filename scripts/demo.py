@@ -101,10 +101,8 @@ def lock_state(root: Path) -> IO[str] | None:
 
 
 def write_policy(state: Path, demo: Path, ports: dict[str, int]) -> Path:
-    """policies/demo.yaml as it is when the demo runs with its own ports and folder; otherwise a
-    copy beside the demo's files with this run's ports and paths."""
-    if state == DEFAULT_STATE and ports == DEMO_PORTS:
-        return POLICY
+    """The policy folder the gateway runs: a copy of policies/demo.yaml beside the demo's files with
+    this run's ports and paths, and the default guardrail pack (policies/guardrails.yaml) beside it."""
     text = POLICY.read_text()
     for old, new in ((f"connect: 127.0.0.1:{DEMO_PORTS[STANDIN]}", f"connect: 127.0.0.1:{ports[STANDIN]}"),
                      (f"issuer: https://127.0.0.1:{DEMO_PORTS[IDP]}", f"issuer: https://127.0.0.1:{ports[IDP]}"),
@@ -116,7 +114,9 @@ def write_policy(state: Path, demo: Path, ports: dict[str, int]) -> Path:
     path = demo / "policy.yaml"
     path.write_text("# Written by scripts/quickstart from policies/demo.yaml with this run's ports and folder;\n"
                     "# rewritten at every start (edit policies/demo.yaml instead).\n" + text)
-    return path
+    pack = (REPO / "policies" / "guardrails.yaml").read_text().replace("$schema=../", f"$schema={REPO}/")
+    (demo / "guardrails.yaml").write_text(pack)
+    return demo  # a folder: policy.yaml and guardrails.yaml, read in name order
 
 
 def shown(path: Path) -> str:

@@ -777,3 +777,20 @@ def test_notifications_for_new_requests_and_decisions(tmp_path: Path, rules, ca:
     assert approved_event["request"]["expires_at"] == approved["grant"]["ends_at"].replace("Z", ".000Z")  # when access ends
     assert events[6]["actor"] is None and events[6]["request"]["state"] == "approved"  # immediate: the gateway decided
     assert events[7]["request"]["state"] == "revoked" and events[7]["reason"] == "done"
+
+
+def test_an_operation_request_shows_its_operation_and_permit(h: Harness) -> None:
+    from jitgate.access.model import Operation
+    from jitgate.access.scope import Scope
+
+    op = Operation("a" * 64, "DELETE", "/api/v1/namespaces/dev/pods/api", "delete pods api in namespace dev on cluster dev",
+                   "prod-delete", required=1)
+    _, request = h.store.operation_request(h.rules, ERIN, Scope("dev", ("dev",), False, ("pods",), ("get",)), op,
+                                           now=h.clock.now, rule_name="dev-read")
+    listed = h.ok("GET", R + "?scope=reviewable", who=BOB)["items"]  # checked against docs/openapi.yaml
+    assert [r["id"] for r in listed] == [request.id] and listed[0]["operation"] == op.to_dict()
+    assert (listed[0]["approvals_required"], listed[0]["permit"], listed[0]["grant"]) == (1, None, None)
+    approved = h.ok("POST", f"{R}/{request.id}/approve", None, who=BOB)
+    assert approved["state"] == "approved" and approved["grant"] is None and approved["permit"]["used"] is False
+    detail = h.ok("GET", f"{R}/{request.id}")
+    assert detail["events"][-1]["kind"] == "request.approved"

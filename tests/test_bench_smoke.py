@@ -133,7 +133,11 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
         assert all(0 < us < 10_000 for points in grants.values() for _, us in points)
         rules = by_name["Decision time vs access rules"]["series"]
         assert [x for x, _ in rules["call covered by a grant"]] == list(run.curves.RULE_COUNTS)
-        assert by_name["Masking throughput vs response size"]["not_measurable"] == "no masking step in jitgate yet"
+        masking = by_name["Masking throughput vs response size"]
+        assert masking["not_measurable"] == "" and [x for x, _ in masking["series"]["masking (SecretList)"]] == list(run.curves.MASKING_SIZES)
+        assert all(mbs > 0 for points in masking["series"].values() for _, mbs in points)
+        ratios = {n.partition(":")[0]: float(re.search(r"mask/json ([\d.]+)", n).group(1)) for n in masking["notes"]}
+        assert set(ratios) == {"SecretList 5000", "PodList 5000 (no secrets)", "watch 20000 events"} and all(r > 0 for r in ratios.values())
         assert len(parse_costs) == len(run.curves.PARSE_CASES) and all(us > 0 for *_, us in parse_costs)
 
         watch = bench.watch_memory((5,), proxies=("gateway",))
@@ -158,7 +162,8 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     median, low, high, spread, cpu, cpu_low, cpu_high = map(int, row.groups())
     assert low <= median <= high and abs(spread - (high - low)) <= 1 and cpu_low <= cpu <= cpu_high
     assert ("⚠️" in row.group(0)) == (not report.headline(results)[0]["judged"])
-    assert "jitgate (full chain)" in text and "Not yet measurable: no masking step" in text
+    assert "jitgate (full chain)" in text and "### Masking throughput vs response size" in text and "watch 20000 events: " in text
+    assert "Not yet measurable: no masking step" not in text
     assert json.loads((outdir / "results.json").read_text())["steady_state"]["oidc_calls"] == 0
     if with_plots:
         assert {"throughput.png", "latency.png", "curves.png"} <= {p.name for p in outdir.iterdir()}

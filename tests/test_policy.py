@@ -318,3 +318,48 @@ def test_policies_match_the_json_schema(files: Path) -> None:
     ]:
         assert old in good
         assert errors(good.replace(old, new, 1)), (old, new)
+
+
+# --- the guardrails section ---------------------------------------------------------------------------
+
+GUARDRAILS = """
+    guardrails:
+      - name: no-ns-delete
+        action: deny
+        resources: [namespaces]
+        verbs: [delete]
+      - name: typo
+        action: audit
+        verbs: [delet]
+        resources: [deployments]
+"""
+
+
+def test_guardrails_section_with_warnings(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(files, GOOD + GUARDRAILS)
+    policy = load_policy(path)
+    assert [r.name for r in policy.guardrails.rules] == ["no-ns-delete", "typo"]
+    assert len(policy.guardrails.warnings) == 2
+    assert cli_main(["policy", "check", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {path}:" in err and "did you mean 'delete'" in err and "write deployments.apps" in err
+
+
+def test_guardrail_errors_stop_the_load_with_file_and_line(files: Path) -> None:
+    path = write(files, GOOD + GUARDRAILS.replace("verbs: [delete]", "verbs: [delete]\n        commands: ['re:[']"))
+    with pytest.raises(PolicyError, match=r"guardrails\[0\]\.commands\[0\]: invalid regular expression") as e:
+        load_policy(path)
+    assert e.value.line == path.read_text().splitlines().index("    commands: ['re:[']") + 1
+    path = write(files, GOOD + GUARDRAILS.replace("action: deny", "action: deny\n        namespace: [prod]"))
+    with pytest.raises(PolicyError, match=r"guardrails\[0\]\.namespace: unknown field 'namespace'"):
+        load_policy(path)
+
+
+def test_the_default_pack_loads_beside_a_policy(files: Path) -> None:
+    folder = files / "policy"
+    folder.mkdir()
+    write(folder, GOOD.replace("ca.pem", "../ca.pem").replace("token_file: token", "token_file: ../token")
+          .replace("client.pem", "../client.pem").replace("client-key.pem", "../client-key.pem"))
+    (folder / "guardrails.yaml").write_text((REPO / "policies/guardrails.yaml").read_text())
+    policy = load_policy(folder)
+    assert len(policy.guardrails.rules) >= 10 and policy.guardrails.warnings == ()

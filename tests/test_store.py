@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jitgate.access.errors import Conflict, InvalidRequest, NotAllowed, NotFound
-from jitgate.access.model import GrantState, Person, RequestState
+from jitgate.access.model import GrantState, Operation, Person, RequestState
 from jitgate.access.rules import AccessRule, Approval, ApprovalMode
 from jitgate.access.scope import ANY_RESOURCE, SYSTEM_ACTOR, ResourceRef, Scope
 from jitgate.store.sqlite import ACTIVE_GRANTS_SQL, SQLiteStore, StoreError
@@ -315,7 +315,7 @@ def test_every_public_method_is_in_this_contract() -> None:
     assert public == {
         "create_request", "get_request", "list_requests", "reviewable_requests", "review", "cancel", "revoke_grant",
         "get_grant", "list_grants", "active_grants_for", "sweep", "approve_due_auto", "events_for", "events_since",
-        "last_event_id", "change_counter", "close",
+        "last_event_id", "change_counter", "close", "operation_request",
     }
     source = Path(__file__).read_text()
     assert [name for name in sorted(public) if f".{name}(" not in source] == []
@@ -471,7 +471,7 @@ def test_unusable_files_raise_store_error(tmp_path: Path) -> None:
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 99; this jitgate supports version 1"):
+    with pytest.raises(StoreError, match="schema version 99; this jitgate supports version 2"):
         SQLiteStore(newer)
 
 
@@ -532,3 +532,91 @@ def test_active_grants_is_an_index_lookup_among_100k(store: SQLiteStore, path: P
     # user1's grants: i = 1, 5001, 10001, ...; active ones have i % 3 == 0, dev ones odd i.
     expected = {f"grant-bulk{i}" for i in range(1, 100_000, 5000) if i % 3 == 0 and i % 2 and T0 - i + HOUR > T0}
     assert {g.id for g in store.active_grants_for("user1", "dev", T0)} == expected
+
+
+# --- operation-bound requests (a guardrail's require-approval) ----------------------------------------
+
+DELETE_WEB = Operation("d" * 64, "DELETE", "/apis/apps/v1/namespaces/dev/deployments/web", "delete deployments/web in dev",
+                       "prod-delete", required=2)
+DEV_DELETE = Scope("dev", ("dev",), False, ("pods",), ("get",))
+
+
+def test_operation_request_is_approved_into_one_use_permit(store: SQLiteStore, path: Path) -> None:
+    kind, request = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0, rule_name="two-approvers")
+    assert kind == "filed" and request.state is RequestState.PENDING and request.operation == DELETE_WEB
+    again, joined = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0 + 1, rule_name="two-approvers")
+    assert (again, joined.id) == ("pending", request.id)  # a retry joins the pending request
+    assert request.to_dict()["operation"]["summary"] == "delete deployments/web in dev"
+    assert [r.id for r in store.reviewable_requests(RULES, BOB, now=T0 + 2)] == [request.id]
+    with pytest.raises(NotAllowed):
+        store.review(RULES, request.id, ALICE, "approve", "mine", now=T0 + 2)
+    assert store.review(RULES, request.id, BOB, "approve", "ok", now=T0 + 2).state is RequestState.PENDING
+    approved = store.review(RULES, request.id, CAROL, "approve", "ok", now=T0 + 3)
+    assert approved.state is RequestState.APPROVED and approved.grant is None  # nothing standing
+    assert approved.permit is not None and approved.permit.used_at is None
+    assert store.active_grants_for("alice", "dev", T0 + 4) == ()
+    # Someone else's identical call, or a different body, has no permit.
+    assert store.operation_request(RULES, ERIN, DEV_DELETE, DELETE_WEB, now=T0 + 4)[0] == "filed"
+    other = Operation("e" * 64, *list(DELETE_WEB.to_dict().values())[1:])
+    kind, fresh = store.operation_request(RULES, ALICE, DEV_DELETE, other, now=T0 + 4, rule_name="two-approvers")
+    assert kind == "filed" and fresh.id != request.id
+    kind, used = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0 + 5, rule_name="two-approvers")
+    assert (kind, used.id) == ("allowed", request.id) and used.permit.used_at == T0 + 5
+    kind, next_one = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0 + 6, rule_name="two-approvers")
+    assert kind == "filed" and next_one.id != request.id  # used once: the next run needs a new approval
+    assert [str(e.kind) for e in store.events_for(request.id)][-2:] == ["request.approved", "permit.used"]
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM permits").fetchone()[0] == 1
+
+
+def test_operation_request_under_an_immediate_rule_still_needs_a_reviewer(store: SQLiteStore) -> None:
+    op = Operation("f" * 64, "DELETE", "/api/v1/namespaces/sandbox/pods/x", "delete pods/x in sandbox", "g")
+    kind, request = store.operation_request(RULES, ALICE, SANDBOX, op, now=T0)
+    assert kind == "filed" and request.state is RequestState.PENDING and request.rule == "sandbox"
+    assert store.review(RULES, request.id, BOB, "approve", "", now=T0 + 1).permit is not None  # one approval (the rule's default)
+
+
+def test_an_expired_permit_lets_nothing_through(store: SQLiteStore) -> None:
+    _, request = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0, rule_name="two-approvers")
+    store.review(RULES, request.id, BOB, "approve", "", now=T0)
+    store.review(RULES, request.id, CAROL, "approve", "", now=T0)
+    assert store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0 + 2 * HOUR, rule_name="two-approvers")[0] == "filed"
+
+
+def _permit_worker(path: str, barrier, results) -> None:
+    store = SQLiteStore(path)
+    barrier.wait()
+    kind, _ = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0 + 10, rule_name="two-approvers")
+    store.close()
+    results.put(kind)
+
+
+def test_two_identical_concurrent_calls_use_one_permit(store: SQLiteStore, path: Path) -> None:
+    _, request = store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0, rule_name="two-approvers")
+    store.review(RULES, request.id, BOB, "approve", "", now=T0)
+    store.review(RULES, request.id, CAROL, "approve", "", now=T0)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_permit_worker, args=(str(path), barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    kinds = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    # Exactly one passes; the first loser files a new request, the others join it.
+    assert kinds == ["allowed", "filed", "pending", "pending"], kinds
+
+
+def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
+    old = tmp_path / "v1.db"
+    SQLiteStore(old).close()
+    db = sqlite3.connect(old)  # make it what version 1 wrote: no operation columns, no permits
+    db.execute("DROP TABLE permits")
+    db.execute("DROP INDEX requests_by_operation")
+    db.execute("ALTER TABLE requests DROP COLUMN operation_digest")
+    db.execute("ALTER TABLE requests DROP COLUMN operation")
+    db.execute("UPDATE schema_version SET version = 1")
+    db.commit()
+    db.close()
+    with SQLiteStore(old) as store:
+        assert store.operation_request(RULES, ALICE, DEV_DELETE, DELETE_WEB, now=T0, rule_name="two-approvers")[0] == "filed"
+    assert sqlite3.connect(old).execute("SELECT version FROM schema_version").fetchone()[0] == 2

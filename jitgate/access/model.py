@@ -110,6 +110,43 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class Operation:
+    """The one API call an operation-bound request is about (a guardrail's require-approval): its
+    approval permits exactly this call once, recognised by `digest` (method, target and body)."""
+
+    digest: str
+    method: str
+    path: str
+    summary: str  # what a reviewer reads: "delete deployments/web in prod on dev"
+    guardrail: str
+    required: int | None = None  # approvals the guardrail asks for; None: the access rule's count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "method": self.method, "path": self.path, "summary": self.summary,
+                "guardrail": self.guardrail, "required": self.required}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Operation:
+        return cls(d["digest"], d["method"], d["path"], d["summary"], d["guardrail"], d.get("required"))
+
+
+@dataclass(frozen=True)
+class Permit:
+    """What approving an operation-bound request creates instead of a grant: one use of one call."""
+
+    request_id: str
+    username: str
+    digest: str
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"created_at": rfc3339(self.created_at), "expires_at": rfc3339(self.expires_at),
+                "used_at": rfc3339(self.used_at), "used": self.used_at is not None}
+
+
+@dataclass(frozen=True)
 class AccessRequest:
     id: str
     requester: str
@@ -127,6 +164,8 @@ class AccessRequest:
     decision_reason: str | None = None
     reviews: tuple[Review, ...] = ()
     grant: Grant | None = None
+    operation: Operation | None = None  # set: the request is for this one call only, never standing access
+    permit: Permit | None = None  # an approved operation-bound request's one-use permit
 
     @property
     def cluster(self) -> str:
@@ -159,6 +198,8 @@ class AccessRequest:
             "approvals": len(self.approvers),
             "reviews": [r.to_dict() for r in self.reviews],
             "grant": self.grant.to_dict() if self.grant else None,
+            "operation": self.operation.to_dict() if self.operation else None,
+            "permit": self.permit.to_dict() if self.permit else None,
         }
 
 
@@ -171,6 +212,7 @@ class EventKind(StrEnum):
     REQUEST_EXPIRED = "request.expired"
     REQUEST_CANCELLED = "request.cancelled"
     AUTO_APPROVAL_WITHDRAWN = "request.auto_approval_withdrawn"
+    PERMIT_USED = "permit.used"  # an approved operation was let through (once)
     GRANT_EXPIRED = "grant.expired"
     GRANT_REVOKED = "grant.revoked"
 
@@ -208,6 +250,7 @@ class Transition:
     request: AccessRequest | None = None  # the request after the step (new or updated)
     new_review: Review | None = None
     new_grant: Grant | None = None
+    new_permit: Permit | None = None  # an approved operation-bound request's one-use permit
     grant: Grant | None = None  # an existing grant after the step (revoked, expired)
     events: tuple[Event, ...] = ()
 

@@ -54,6 +54,7 @@ class AccessRule:
     require_reason: bool = False
     upstream_role: str | None = None
     hold: Hold | None = None
+    reveal: bool = False  # requests may ask for secret values unmasked
     description: str = ""
     source: str = ""  # file:line, for messages
     _requester_set: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -102,6 +103,8 @@ class AccessRule:
         verbs = [v for v in scope.verbs if v not in self.verbs]
         if verbs:
             return f"verb(s) {', '.join(verbs)} not allowed"
+        if scope.reveal and not self.reveal:
+            return "revealing secret values is not allowed"
         return None
 
     def covers(self, scope: Scope) -> bool:
@@ -126,6 +129,7 @@ class AccessRule:
                 "auto_approve_after": format_duration(self.approval.auto_approve_after) if self.approval.auto_approve_after else None,
             },
             "require_reason": self.require_reason,
+            "reveal": self.reveal,
             "request_ttl": format_duration(self.request_ttl),
             "hold": {"max_wait": format_duration(self.hold.max_wait)} if self.hold else None,
         }

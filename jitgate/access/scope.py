@@ -193,6 +193,7 @@ class Scope:
     cluster_wide: bool = False
     resources: tuple[ResourceRef, ...] = ()
     verbs: tuple[str, ...] = ()
+    reveal: bool = False  # responses carry secret values unmasked (see jitgate.masking)
     # Precomputed for `call_allowed_by`, which runs on every API call.
     _namespace_set: frozenset[str] = field(init=False, repr=False, compare=False)
     _resource_set: frozenset[tuple[str, str, str]] = field(init=False, repr=False, compare=False)
@@ -221,6 +222,8 @@ class Scope:
                 raise ValueError(f"invalid namespace {ns!r}: a namespace is a DNS label (lower-case letters, digits, '-')")
         if not isinstance(self.cluster_wide, bool):
             raise ValueError("cluster_wide must be true or false")
+        if not isinstance(self.reveal, bool):
+            raise ValueError("reveal must be true or false")
         if self.cluster_wide and namespaces:
             raise ValueError("cluster-wide access covers every namespace: do not name namespaces as well")
         if not self.cluster_wide and not namespaces:
@@ -244,6 +247,8 @@ class Scope:
         """Whether every call `other` allows is allowed by this scope too."""
         if other.cluster != self.cluster or not other._verb_set <= self._verb_set:
             return False
+        if other.reveal and not self.reveal:
+            return False
         if other.cluster_wide:
             if not self.cluster_wide:
                 return False
@@ -266,23 +271,27 @@ class Scope:
         else:
             where = f"in namespaces {', '.join(self.namespaces)}"
         resources = ", ".join("any resource" if r.is_any else str(r) for r in self.resources)
-        return f"{', '.join(self.verbs)} {resources} {where} on cluster {self.cluster}"
+        revealed = ", secret values revealed" if self.reveal else ""
+        return f"{', '.join(self.verbs)} {resources} {where} on cluster {self.cluster}{revealed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "cluster": self.cluster,
             "namespaces": list(self.namespaces),
             "cluster_wide": self.cluster_wide,
             "resources": [str(r) for r in self.resources],
             "verbs": list(self.verbs),
         }
+        if self.reveal:  # only when set: scopes stored before reveal existed read back the same
+            out["reveal"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Scope:
         """A scope from JSON (API bodies, stored rows); raises `InvalidRequest`."""
         if not isinstance(data, Mapping):
             raise InvalidRequest("invalid scope: expected a JSON object")
-        unknown = set(data) - {"cluster", "namespaces", "cluster_wide", "resources", "verbs"}
+        unknown = set(data) - {"cluster", "namespaces", "cluster_wide", "resources", "verbs", "reveal"}
         if unknown:
             raise InvalidRequest(f"invalid scope: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         return cls(
@@ -291,6 +300,7 @@ class Scope:
             cluster_wide=data.get("cluster_wide", False),
             resources=data.get("resources") or (),
             verbs=data.get("verbs") or (),
+            reveal=data.get("reveal", False),
         )
 
 

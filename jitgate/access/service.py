@@ -26,6 +26,7 @@ from jitgate.access.model import (
     AccessRequest,
     EventKind,
     Grant,
+    Operation,
     Principal,
     RequestState,
 )
@@ -220,6 +221,22 @@ class AccessService:
                                    f"this call is refused (it may be approved later: `jitgate show {request.id}`)")
             await asyncio.sleep(poll)
             request = await self.run(store.get_request, request.id)
+
+    # --- operations a guardrail holds for approval ------------------------------------------------
+
+    async def operation(self, who: Principal, cluster: str, info: RequestInfo, operation: Operation,
+                        rule_name: str | None) -> tuple[str, AccessRequest]:
+        """Use an approved permit of `who` for this operation (("allowed", request)), or join the
+        pending request for it (("pending", ...)), or file one (("filed", ...)); one store
+        transaction, so two identical calls cannot both use one permit. Raises AccessError
+        (no access rule covers the call, nobody can review it) and StoreError."""
+        store = self._require_store()
+        scope = scope_for_call(cluster, info)
+        kind, request = await self.run(lambda: store.operation_request(self.rules, who, scope, operation, now=time.time(),
+                                                                       rule_name=rule_name))
+        if kind == "filed":
+            self.notify("created", request)
+        return kind, request
 
     # --- background workflow ----------------------------------------------------------------------
 

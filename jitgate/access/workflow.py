@@ -16,12 +16,17 @@ from jitgate.access.model import (
     EventKind,
     Grant,
     GrantState,
+    Operation,
+    Permit,
     Principal,
     RequestState,
     Review,
     Transition,
 )
 from jitgate.access.rules import AccessRule, ApprovalMode, choose_rule, rule_named
+
+# How long an approved operation stays usable: the caller retries the same command soon after.
+OPERATION_PERMIT_SECONDS = 3600
 from jitgate.access.scope import MAX_REASON_LENGTH, SYSTEM_ACTOR, Scope
 from jitgate.timefmt import format_duration, rfc3339
 
@@ -43,7 +48,9 @@ def same_person(a: str, b: str) -> bool:
 def check_reason(reason: str | None, required: bool, what: str = "a reason") -> str:
     reason = (reason or "").strip()
     if required and not reason:
-        raise InvalidRequest(f"{what} is required")
+        # `what` names either the missing thing ("a reason for the denial") or who asks for it
+        # ("access rule 'x' requires a reason"): only the first takes "is required".
+        raise InvalidRequest(what if " requires " in what else f"{what} is required")
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidRequest(f"the reason is too long (at most {MAX_REASON_LENGTH} characters)")
     if not reason.isprintable():
@@ -93,6 +100,36 @@ def open_request(
     return Transition(request=request, events=(created,))
 
 
+def open_operation_request(
+    rules: Sequence[AccessRule], requester: Principal, scope: Scope, operation: Operation, *, now: float,
+    rule_name: str | None = None,
+) -> Transition:
+    """A request for one call a guardrail holds back, decided by the reviewers of the access rule
+    the call runs under (`rule_name`) or of the first rule covering it. Always reviewed by people:
+    an immediate or automatic rule does not approve an operation a guardrail asked a human about."""
+    groups = tuple(requester.groups)
+    rule = rule_named(rules, rule_name) if rule_name else None
+    if rule is None:
+        rule = choose_rule(rules, groups, scope, None)
+    if not rule.approval.reviewers:
+        raise NotAllowed(f"access rule {rule.name!r} names no reviewers, so nobody can approve this operation")
+    reason = f"guardrail {operation.guardrail}: {operation.summary}"[:MAX_REASON_LENGTH]
+    request = AccessRequest(
+        id=new_id("req"), requester=requester.username, requester_groups=groups, rule=rule.name, scope=scope,
+        duration=OPERATION_PERMIT_SECONDS, reason=reason, state=RequestState.PENDING, created_at=now,
+        expires_at=now + rule.request_ttl, operation=operation,
+    )
+    detail = {"rule": rule.name, "scope": scope.to_dict(), "operation": operation.to_dict()}
+    created = Event(now, EventKind.REQUEST_CREATED, requester.username, request.id, reason=reason, detail=detail)
+    return Transition(request=request, events=(created,))
+
+
+def operation_approvals(rule: AccessRule, request: AccessRequest) -> int:
+    """Approvals an operation-bound request needs: the guardrail's count, else the rule's (at least one)."""
+    op = request.operation
+    return max(1, (op.required if op and op.required else None) or rule.approval.required or 1)
+
+
 def review_request(
     rules: Sequence[AccessRule], request: AccessRequest, reviewer: Principal, decision: Decision | str, reason: str | None, *, now: float
 ) -> Transition:
@@ -133,6 +170,8 @@ def review_request(
     approvals = len(reviewed.approvers)
     # A rule switched to mode immediate while this request waited: one approval is enough.
     required = 1 if rule.approval.mode is ApprovalMode.IMMEDIATE else rule.approval.required
+    if request.operation is not None:
+        required = operation_approvals(rule, request)
     detail = {"approvals": approvals, "required": required}
     voted = Event(now, EventKind.REVIEW_APPROVED, reviewer.username, request.id, reason=reason, detail=detail)
     if required is None or approvals < required:
@@ -156,6 +195,15 @@ def _approve(
     problem = rule.why_not(request.scope)
     if problem:
         raise Conflict(f"access rule {rule.name!r} no longer covers request {request.id} ({problem}); it cannot be approved")
+    if request.operation is not None:
+        # Nothing standing: the approval permits this one call once, for a short while.
+        permit = Permit(request.id, request.requester, request.operation.digest, now, now + request.duration)
+        approved = _decided(request, RequestState.APPROVED, now, actor, reason)
+        approved = replace(approved, permit=permit)
+        detail = {"approvers": list(request.approvers), "permit_expires_at": rfc3339(permit.expires_at),
+                  "digest": request.operation.digest}
+        done = Event(now, EventKind.REQUEST_APPROVED, actor, request.id, reason=reason, detail=detail)
+        return Transition(request=approved, new_permit=permit, events=events + (done,))
     duration = min(request.duration, rule.duration_max)
     grant = Grant(
         id=new_id("grant"),

@@ -30,6 +30,7 @@ from jitgate.access.errors import AccessError, NotFound
 from jitgate.access.messages import approvals_required, notification_view
 from jitgate.access.model import AccessRequest, Decision, Grant, Principal, RequestState
 from jitgate.access.rules import AccessRule, rule_named, rules_for
+from jitgate.access.workflow import operation_approvals
 from jitgate.access.scope import Scope
 from jitgate.kube.status import REASONS, status
 from jitgate.store.sqlite import SQLiteStore, StoreError
@@ -357,6 +358,10 @@ def request_view(request: AccessRequest, rules: Sequence[AccessRule]) -> dict[st
     data = request.to_dict()
     data["approval_mode"] = str(rule.approval.mode) if rule is not None else None
     data["approvals_required"] = approvals_required(rule)
+    if request.operation is not None and rule is not None:
+        # An operation a guardrail holds back is always decided by people, never at once or by a timer.
+        data["approval_mode"] = "reviewers"
+        data["approvals_required"] = operation_approvals(rule, request)
     return data
 
 

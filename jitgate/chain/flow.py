@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import weakref
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import events, mode_specs
+from mitmproxy.proxy.layers.http import ResponseData, ResponseEndOfMessage
 
 from jitgate.chain.call import Call
 from jitgate.kube.status import status_body
@@ -80,4 +82,71 @@ def close_client_connection(flow: http.HTTPFlow, reason: str) -> bool:
     if transport is None or transport.handler is None:
         return False
     transport.handler.cancel(reason)
+    return True
+
+
+class _InjectedResponseData(events.MessageInjected, ResponseData):
+    """Response body bytes the gateway adds to a streamed response: mitmproxy routes injected
+    events to the flow's own HTTP stream, which then handles them as data from the cluster."""
+
+    def __init__(self, flow: http.HTTPFlow, data: bytes) -> None:
+        self.flow, self.message, self.stream_id, self.data = flow, data, 0, data
+
+
+class _InjectedResponseEnd(events.MessageInjected, ResponseEndOfMessage):
+    def __init__(self, flow: http.HTTPFlow) -> None:
+        self.flow, self.message, self.stream_id = flow, None, 0
+
+
+def _injectable(flow: http.HTTPFlow, server) -> bool:
+    """Whether an injected event reaches this flow's own stream. Only on a reverse-mode listener:
+    inside a regular-mode CONNECT tunnel mitmproxy 12.2 hands the event to the tunnel's layers,
+    which break on it (the connection crashes), so such sessions are only closed."""
+    return (server is not None and flow.client_conn.id in server.connections
+            and isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode))
+
+
+def end_response_stream(flow: http.HTTPFlow, data: bytes) -> bool:
+    """Send `data` as the last bytes of a streamed response and end that response cleanly (the
+    client reads a complete body); the cluster's further bytes are dropped. False when it cannot
+    (no live connection, or an HTTP/2 cluster connection, where mitmproxy cannot find the stream)."""
+    server = ctx.master.addons.get("proxyserver")
+    response = flow.response
+    if (not _injectable(flow, server) or response is None or not response.stream or flow.websocket is not None
+            or flow.server_conn.alpn == b"h2"):
+        return False
+    # Whatever the cluster sends from now on is dropped; only the ending goes out, as it is (the
+    # steps that rewrite the stream, e.g. masking, have nothing to do with the gateway's own text).
+    response.stream = lambda chunk: data if chunk is data else b""
+    server.inject_event(_InjectedResponseData(flow, data))
+    server.inject_event(_InjectedResponseEnd(flow))
+    return True
+
+
+class _InjectedServerBytes(events.MessageInjected, events.DataReceived):
+    """Bytes for a WebSocket flow's layer to read as if its server had sent them. Routed to the
+    flow's stream as an injected event; its connection is none of the real ones, so no TLS layer
+    on the way takes the bytes for its own, and the WebSocket layer reads them as the server's."""
+
+    def __init__(self, flow: http.HTTPFlow, data: bytes) -> None:
+        self.flow, self.message, self.data = flow, None, data
+        self.connection = connection.Server(address=None)
+
+
+def close_websocket(flow: http.HTTPFlow, close_frame: bytes) -> bool:
+    """Close a live WebSocket flow normally on both sides, as if the server had sent `close_frame`
+    (mitmproxy relays it to the client and closes both connections)."""
+    server = ctx.master.addons.get("proxyserver")
+    if not _injectable(flow, server) or flow.websocket is None:
+        return False
+    server.inject_event(_InjectedServerBytes(flow, close_frame))
+    return True
+
+
+def send_websocket_to_client(flow: http.HTTPFlow, payload: bytes) -> bool:
+    """Send one binary WebSocket message to the client of a live WebSocket flow."""
+    server = ctx.master.addons.get("proxyserver")
+    if not _injectable(flow, server) or flow.websocket is None:
+        return False
+    ctx.master.commands.call("inject.websocket", flow, True, payload, False)
     return True

@@ -29,6 +29,7 @@ from jitgate.cli.client import (
     load_connection,
     parse_time,
 )
+from jitgate.timefmt import format_duration
 
 if TYPE_CHECKING:
     from jitgate.policy.loader import Policy
@@ -64,7 +65,71 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({len(policy.clusters)} cluster(s), {len(policy.identity_providers)} identity provider(s), "
               f"{len(policy.access_rules)} access rule(s), {len(policy.webhooks)} webhook(s), "
               f"files: {', '.join(str(p) for p in policy.sources)})")
+        for warning in policy.guardrails.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    """Which access rules and guardrails apply to a described call, and the outcome."""
+    import json as _json
+    import shlex
+
+    from jitgate.access.authorize import scope_for_call
+    from jitgate.access.errors import AccessError
+    from jitgate.access.rules import choose_rule
+    from jitgate.guardrails.decide import decide, line_rule
+    from jitgate.guardrails.rules import CallFacts
+
+    policy = _policy(args.policy)
+    if args.cluster not in policy.by_name:
+        raise SystemExit(f"jitgate: no cluster {args.cluster!r} in the policy (defined: {', '.join(policy.by_name)})")
+    resource, _, subresource = args.resource.partition("/")
+    resource, _, group = resource.partition(".")
+    command = tuple(shlex.split(args.command)) if args.command else ()
+    body = Path(args.body).read_bytes() if args.body else None
+    groups = tuple(args.group)
+    from jitgate.kube.request_info import ExecParams, RequestInfo
+
+    info = RequestInfo(True, "", args.verb, api_group=group, namespace=args.namespace or "", resource=resource,
+                       subresource=subresource, name=args.name or "", exec=ExecParams(command=command) if command else None)
+    try:
+        rule = choose_rule(policy.access_rules, groups, scope_for_call(args.cluster, info), args.access_rule)
+        access = {"rule": rule.name, "approval": str(rule.approval.mode), "reviewers": list(rule.approval.reviewers)}
+    except AccessError as e:
+        rule, access = None, {"rule": None, "why": str(e)}
+    facts = CallFacts(cluster=args.cluster, verb=args.verb, api_group=group, resource=resource, subresource=subresource,
+                      namespace=args.namespace or "", name=args.name or "", username=args.user, groups=groups,
+                      access_rule=args.access_rule or (rule.name if rule else ""), command=command)
+    outcome = decide(policy.guardrails, facts, args.content_type, body)
+    result: dict = {"access": access, "guardrails": [m.to_dict() for m in outcome.matches]}
+    if outcome.unreadable:
+        result["unreadable_body"] = outcome.unreadable
+    if args.line:
+        deny, hits = line_rule(policy.guardrails, facts, args.line)
+        result["typed_line"] = {"line": args.line, "rules": [h.name for h in hits], "ends_session": deny.name if deny else None}
+    if rule is None:
+        result["outcome"] = "refused: no access rule covers this call"
+    elif outcome.action is None:
+        result["outcome"] = f"allowed under a grant of access rule {rule.name!r}"
+    else:
+        result["outcome"] = f"{outcome.action} by guardrail {outcome.rule.name!r}: {outcome.rule.why()}"
+    if args.output == "json":
+        print(_json.dumps(result, indent=2))
+    else:
+        print(f"access rule: {access.get('rule') or 'none'}" + (f" ({access['why']})" if access.get("why") else
+                                                                  f" (approval {access['approval']})"))
+        for m in outcome.matches:
+            print(f"guardrail: {m.rule.name} -> {m.rule.action}{' (dry run)' if not m.effective else ''}: {m.rule.why()} "
+                  f"[{m.rule.source}]")
+        if not outcome.matches:
+            print("guardrails: none apply")
+        if "typed_line" in result:
+            t = result["typed_line"]
+            print(f"typed line {t['line']!r}: " + (f"ends the session (guardrail {t['ends_session']})" if t["ends_session"]
+                                                   else "delivered"))
+        print(f"outcome: {result['outcome']}")
+    return 0
 
 
 def cmd_policy_schema(args: argparse.Namespace) -> int:
@@ -179,7 +244,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         now = time.time()
         rows = [("ID", "STATE", "REQUESTER", "CLUSTER", "SCOPE", "AGE", "EXPIRES", "APPROVALS")]
         for r in items:
-            rows.append((r["id"], r["state"], r["requester"], r["scope"]["cluster"], _scope_short(r["scope"]),
+            rows.append((r["id"], r["state"], r["requester"], r["scope"]["cluster"], _scope_or_operation(r),
                          _ago(r["created_at"], now), _expires(r, now), _approvals(r)))
         _table(rows)
     return 0
@@ -281,6 +346,12 @@ def _scope_short(scope: dict) -> str:
     return f"{where}: {','.join(scope['verbs'])} {','.join(scope['resources'])}"
 
 
+def _scope_or_operation(request: dict) -> str:
+    """An operation-bound request (a guardrail's require-approval) is about one call: show it."""
+    operation = request.get("operation")
+    return f"once: {operation['summary']}" if operation else _scope_short(request["scope"])
+
+
 def _approvals(request: dict) -> str:
     required = request.get("approvals_required")
     return f"{request['approvals']}/{required}" if required else str(request["approvals"]) if request["approvals"] else "-"
@@ -288,13 +359,7 @@ def _approvals(request: dict) -> str:
 
 def _human(seconds: float) -> str:
     """The two largest units: 3d4h, 1h5m, 59s."""
-    seconds = int(abs(seconds))
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts[:2])
+    return format_duration(abs(seconds), units=2)
 
 
 def _ago(text: str | None, now: float) -> str:
@@ -375,6 +440,18 @@ def _request_text(r: dict, now: float) -> str:
         f"Requester:  {r['requester']} (groups: {', '.join(r['requester_groups']) or 'none'})",
         f"Rule:       {r['rule']}" + (f" (approval: {r['approval_mode']})" if r.get("approval_mode") else " (no longer in the policy)"),
         f"Scope:      {_describe(r['scope'])}",
+    ]
+    operation = r.get("operation")
+    if operation:
+        lines += [
+            f"Operation:  {operation['summary']} (exactly this call, once: {operation['method']} {operation['path']})",
+            f"Guardrail:  {operation['guardrail']}; digest {operation['digest'][:16]}",
+        ]
+        permit = r.get("permit")
+        if permit:
+            used = f"used {_at(permit['used_at'], now)}" if permit["used"] else f"unused, usable until {_at(permit['expires_at'], now)}"
+            lines.append(f"Permit:     {used}")
+    lines += [
         f"Duration:   {r['duration']}",
         f"Reason:     {r['reason'] or '-'}",
         f"Created:    {_at(r['created_at'], now)}",
@@ -488,6 +565,22 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy.add_parser("check", help="validate policy files without starting anything")
     check.add_argument("paths", nargs="+", help="policy files or folders")
     check.set_defaults(func=cmd_policy_check)
+    explain = policy.add_parser("explain", help="which access rules and guardrails apply to a described call, and the outcome")
+    explain.add_argument("--policy", default="policies", help="policy file or folder (default: policies)")
+    explain.add_argument("--cluster", required=True)
+    explain.add_argument("--user", default="someone@example.com", help="the caller's username")
+    explain.add_argument("--group", action="append", default=[], help="a group of the caller (repeatable)")
+    explain.add_argument("--verb", required=True, help="get, list, watch, create, update, patch, delete, deletecollection")
+    explain.add_argument("--resource", required=True, help="resource[.group][/subresource], e.g. pods/exec, deployments.apps")
+    explain.add_argument("--namespace", default="")
+    explain.add_argument("--name", default="")
+    explain.add_argument("--access-rule", default=None, help="the access rule the call runs under (default: the one that covers it)")
+    explain.add_argument("--body", default=None, help="file with the request body (create, update, patch)")
+    explain.add_argument("--content-type", default="application/json", help="the body's type, e.g. application/strategic-merge-patch+json")
+    explain.add_argument("--command", default=None, help="exec command line, e.g. \"sh -c 'rm -rf /'\"")
+    explain.add_argument("--line", default=None, help="a line typed into an interactive session")
+    explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    explain.set_defaults(func=cmd_policy_explain)
     schema = policy.add_parser("schema", help="print the policy file's JSON Schema (for editors) or its reference tables")
     schema.add_argument("--markdown", action="store_true", help="the README's reference tables instead of the JSON Schema")
     schema.add_argument("-o", "--output", default="-", help="file to write, or - for standard output (default)")

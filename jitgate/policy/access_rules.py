@@ -91,6 +91,10 @@ ACCESS_RULE = Section(
               default=dataclass_default(AccessRule, "request_ttl")),
         Field("approval", APPROVAL, "Who decides.", required=True),
         Field("hold", HOLD, "Hold an unattended caller's call while a human decides."),
+        Field("reveal", Bool(), "Requests may ask for `reveal: true`: responses to the grant's calls carry secret "
+              "values unmasked (Secrets' data, detected values; audited `jitgate.dev/revealed`). Needs `secrets` in "
+              "`resources` and an approval mode other than immediate; give it its own rule to require more reviewers.",
+              default=dataclass_default(AccessRule, "reveal")),
     ),
 )
 
@@ -133,6 +137,12 @@ def _parse_rule(v: Values, clusters: Mapping[str, Cluster]) -> AccessRule:
     request_ttl = v["request_ttl"]
     approval = _approval(v["approval"], v["resources"], request_ttl)
 
+    if v["reveal"]:
+        if ResourceRef("secrets") not in v["resources"]:
+            raise node.error("reveal", "reveal is for secret values: name secrets in resources")
+        if approval.mode is ApprovalMode.IMMEDIATE:
+            raise node.error("reveal", "revealing secret values needs a decision: use approval mode reviewers or auto")
+
     hold = None
     if v["hold"] is not None:
         h = v["hold"]
@@ -163,6 +173,7 @@ def _parse_rule(v: Values, clusters: Mapping[str, Cluster]) -> AccessRule:
         require_reason=v["require_reason"],
         upstream_role=upstream_role,
         hold=hold,
+        reveal=v["reveal"],
         description=v["description"],
         source=f"{node.file}:{node.line()}",
     )

@@ -23,7 +23,9 @@ from jitgate.identity.oidc import IssuerConfig
 from jitgate.policy.access_rules import ACCESS_RULE, parse_access_rules
 from jitgate.policy.clusters import CLUSTER, Cluster, parse_cluster
 from jitgate.policy.document import Node, PolicyError, yaml_kind
+from jitgate.policy.guardrails import GUARDRAIL, GuardrailIndex, parse_guardrails
 from jitgate.policy.identity_providers import IDENTITY_PROVIDER, parse_identity_provider
+from jitgate.policy.masking import MASKING, MaskingPolicy, parse_masking
 from jitgate.policy.notifications import NOTIFICATIONS, parse_notifications
 from jitgate.policy.schema import Field, ListOf, Section, json_schema_text, markdown_reference
 
@@ -42,6 +44,8 @@ class Policy:
     by_name: dict[str, Cluster] = field(repr=False)
     access_rules: tuple["AccessRule", ...] = ()
     webhooks: tuple["Webhook", ...] = ()
+    masking: MaskingPolicy = MaskingPolicy()
+    guardrails: GuardrailIndex = field(default_factory=GuardrailIndex, repr=False)
 
     def cluster_for(self, host: str, port: int) -> Cluster | None:
         return self.by_endpoint.get((host.lower(), port))
@@ -73,6 +77,8 @@ POLICY = Section(
         Field("identity_providers", ListOf(IDENTITY_PROVIDER), "OIDC issuers whose ID tokens the gateway accepts."),
         Field("access_rules", ListOf(ACCESS_RULE), "What may be requested, by whom, for how long, and who decides."),
         Field("notifications", NOTIFICATIONS, "Webhooks told about access requests and decisions."),
+        Field("masking", MASKING, "Detectors of secret values in responses, besides Secrets' own values."),
+        Field("guardrails", ListOf(GUARDRAIL), "What nobody does without a second look, whatever their grant."),
     ),
 )
 SECTIONS = POLICY.keys
@@ -128,12 +134,19 @@ def load_policy(path: Path | str) -> Policy:
     seen_issuers: dict[str, str] = {}
     rule_nodes: list[Node] = []
     webhooks: list = []
+    guardrail_nodes: list[Node] = []
+    masking: MaskingPolicy | None = None
     files = policy_files(path)
     for file in files:
         root = Node(_read_file(file), file, "")
         # Rules may name clusters from any file: read them once every cluster is known.
         rule_nodes.extend(root.children("access_rules"))
         webhooks.extend(parse_notifications(root.child("notifications")))
+        if root.child("masking") is not None:
+            if masking is not None:
+                raise root.error("masking", "the masking section is already defined in an earlier file")
+            masking = parse_masking(root.child("masking"))
+        guardrail_nodes.extend(root.children("guardrails"))
         for node in root.children("clusters"):
             cluster = parse_cluster(node)
             if cluster.name in by_name:
@@ -162,7 +175,8 @@ def load_policy(path: Path | str) -> Policy:
     if not issuers:
         raise PolicyError(files[0], None, "identity_providers", "no identity provider is defined in any policy file")
     rules = parse_access_rules(rule_nodes, by_name)
-    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules, tuple(webhooks))
+    return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules, tuple(webhooks),
+                  guardrails=parse_guardrails(guardrail_nodes), masking=masking or MaskingPolicy())
 
 
 _cache_lock = threading.Lock()

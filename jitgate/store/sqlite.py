@@ -35,6 +35,8 @@ from jitgate.access.model import (
     EventKind,
     Grant,
     GrantState,
+    Operation,
+    Permit,
     Principal,
     RequestState,
     Review,
@@ -47,6 +49,7 @@ from jitgate.access.workflow import (
     cancel_request,
     expire_grant,
     expire_request,
+    open_operation_request,
     open_request,
     review_request,
     revoke_grant,
@@ -68,7 +71,24 @@ class SweepResult:
 # ---------------------------------------------------------------------------------------------
 # SQLite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Version 2: operation-bound requests (a guardrail's require-approval) and their one-use permits.
+_OPERATIONS = """
+ALTER TABLE requests ADD COLUMN operation TEXT;              -- JSON, Operation.to_dict(); NULL: a grant request
+ALTER TABLE requests ADD COLUMN operation_digest TEXT;
+CREATE INDEX requests_by_operation ON requests (requester, operation_digest) WHERE operation_digest IS NOT NULL;
+
+CREATE TABLE permits (
+    request_id TEXT PRIMARY KEY REFERENCES requests (id),   -- one permit per approved request
+    username TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL                                             -- set once, in the transaction that lets the call through
+);
+CREATE INDEX permits_unused ON permits (username, digest) WHERE used_at IS NULL;
+"""
 
 _SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -142,7 +162,7 @@ ACTIVE_GRANTS_SQL = "SELECT * FROM grants WHERE username = ? AND cluster = ? AND
 
 _REQUEST_COLUMNS = (
     "id, requester, requester_groups, rule, cluster, scope, duration, reason, state, created_at, expires_at, "
-    "auto_approve_at, decided_at, decided_by, decision_reason"
+    "auto_approve_at, decided_at, decided_by, decision_reason, operation, operation_digest"
 )
 _GRANT_COLUMNS = (
     "id, request_id, username, cluster, rule, scope, upstream_role, starts_at, ends_at, state, revoked_by, revoked_at, revoke_reason"
@@ -227,7 +247,7 @@ class SQLiteStore:
         with self._transaction(write=True) as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not tables:
-                for statement in _statements(_SCHEMA):
+                for statement in _statements(_SCHEMA + _OPERATIONS):
                     db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
@@ -235,6 +255,11 @@ class SQLiteStore:
                 raise StoreError(f"{self.path} is an SQLite database but not a jitgate store")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else None
+            if version == 1:  # a store from before operation-bound requests: add them in place
+                for statement in _statements(_OPERATIONS):
+                    db.execute(statement)
+                db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has store schema version {version}; this jitgate supports version {SCHEMA_VERSION}")
 
@@ -258,13 +283,17 @@ class SQLiteStore:
         ids = [r["id"] for r in rows]
         reviews: dict[str, list[Review]] = {i: [] for i in ids}
         grants: dict[str, Grant] = {}
+        permits: dict[str, Permit] = {}
         for chunk in _chunks(ids, 500):
             marks = ",".join("?" * len(chunk))
             for r in db.execute(f"SELECT * FROM reviews WHERE request_id IN ({marks}) ORDER BY at, rowid", chunk):
                 reviews[r["request_id"]].append(_review(r))
             for g in db.execute(f"SELECT {_GRANT_COLUMNS} FROM grants WHERE request_id IN ({marks})", chunk):
                 grants[g["request_id"]] = _grant(g)
-        return [_request(r, tuple(reviews[r["id"]]), grants.get(r["id"])) for r in rows]
+            if any(r["operation"] for r in rows):
+                for p in db.execute(f"SELECT * FROM permits WHERE request_id IN ({marks})", chunk):
+                    permits[p["request_id"]] = _permit(p)
+        return [_request(r, tuple(reviews[r["id"]]), grants.get(r["id"]), permits.get(r["id"])) for r in rows]
 
     def _request_in(self, db: sqlite3.Connection, request_id: str) -> AccessRequest:
         row = db.execute(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE id = ?", (request_id,)).fetchone()
@@ -284,10 +313,12 @@ class SQLiteStore:
         r = t.request
         if r is not None and new_request:
             db.execute(
-                f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES ({','.join('?' * 15)})",
+                f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES ({','.join('?' * 17)})",
                 (
                     r.id, r.requester, json.dumps(list(r.requester_groups)), r.rule, r.cluster, _scope_json(r.scope), r.duration,
                     r.reason, str(r.state), r.created_at, r.expires_at, r.auto_approve_at, r.decided_at, r.decided_by, r.decision_reason,
+                    json.dumps(r.operation.to_dict(), sort_keys=True) if r.operation else None,
+                    r.operation.digest if r.operation else None,
                 ),
             )  # fmt: skip
         elif r is not None:
@@ -314,6 +345,10 @@ class SQLiteStore:
                     str(g.state), g.revoked_by, g.revoked_at, g.revoke_reason,
                 ),
             )  # fmt: skip
+        if t.new_permit is not None:
+            p = t.new_permit
+            db.execute("INSERT INTO permits (request_id, username, digest, created_at, expires_at, used_at) VALUES (?, ?, ?, ?, ?, NULL)",
+                       (p.request_id, p.username, p.digest, p.created_at, p.expires_at))
         if t.grant is not None:
             g = t.grant
             cur = db.execute(
@@ -351,6 +386,37 @@ class SQLiteStore:
                 t = open_request(rules, requester, scope, now=now, duration=duration, reason=reason, rule_name=rule_name)  # id clash
             self._apply(db, t, new_request=True)
         return t.request
+
+    def operation_request(
+        self, rules: Sequence[AccessRule], requester: Principal, scope: Scope, operation: Operation, *, now: float,
+        rule_name: str | None = None,
+    ) -> tuple[str, AccessRequest]:
+        """For one call a guardrail holds back, in one transaction: ("allowed", request) when an
+        approved, unused permit of this caller for this digest existed (it is used up now: two
+        identical concurrent calls cannot both pass), else ("pending", request) when the same call
+        already waits for review (a retry joins it), else ("filed", the new request)."""
+        with self._transaction(write=True) as db:
+            permit = db.execute(
+                "SELECT request_id FROM permits WHERE username = ? AND digest = ? AND used_at IS NULL AND expires_at > ? "
+                "ORDER BY created_at LIMIT 1", (requester.username, operation.digest, now)).fetchone()
+            if permit is not None:
+                cur = db.execute("UPDATE permits SET used_at = ? WHERE request_id = ? AND used_at IS NULL",
+                                 (now, permit["request_id"]))
+                if cur.rowcount != 1:
+                    raise StoreError(f"permit of request {permit['request_id']} changed underneath a transaction")
+                db.execute(
+                    "INSERT INTO events (at, kind, actor, request_id, grant_id, reason, detail) VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                    (now, str(EventKind.PERMIT_USED), requester.username, permit["request_id"],
+                     "the approved operation was let through once", json.dumps({"digest": operation.digest})))
+                return "allowed", self._request_in(db, permit["request_id"])
+            row = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE requester = ? AND operation_digest = ? AND state = 'pending' "
+                "AND expires_at > ? ORDER BY created_at DESC LIMIT 1", (requester.username, operation.digest, now)).fetchone()
+            if row is not None:
+                return "pending", self._load_requests(db, [row])[0]
+            t = open_operation_request(rules, requester, scope, operation, now=now, rule_name=rule_name)
+            self._apply(db, t, new_request=True)
+        return "filed", t.request
 
     def get_request(self, request_id: str) -> AccessRequest:
         """The request with its reviews and grant; `NotFound` if there is none."""
@@ -603,7 +669,7 @@ def _scope(text: str) -> Scope:
 
 
 @_decoder
-def _request(row: sqlite3.Row, reviews: tuple[Review, ...], grant: Grant | None) -> AccessRequest:
+def _request(row: sqlite3.Row, reviews: tuple[Review, ...], grant: Grant | None, permit: Permit | None = None) -> AccessRequest:
     return AccessRequest(
         id=row["id"],
         requester=row["requester"],
@@ -621,7 +687,14 @@ def _request(row: sqlite3.Row, reviews: tuple[Review, ...], grant: Grant | None)
         decision_reason=row["decision_reason"],
         reviews=reviews,
         grant=grant,
+        operation=Operation.from_dict(json.loads(row["operation"])) if row["operation"] else None,
+        permit=permit,
     )
+
+
+@_decoder
+def _permit(row: sqlite3.Row) -> Permit:
+    return Permit(row["request_id"], row["username"], row["digest"], row["created_at"], row["expires_at"], row["used_at"])
 
 
 @_decoder

@@ -265,24 +265,39 @@ def rule_decision_curve(policy: Policy, counts: Sequence[int] = RULE_COUNTS) -> 
 # -- steps that do not exist yet ------------------------------------------------------------------
 
 def masking_bytes_per_second(response_bytes: int) -> float:
-    """Masking throughput for a response of `response_bytes` (1 KB to 50 MB).
-
-    Where masking plugs in once it lands: build a Secret list (and a watch stream) of this size,
-    time the masking function over it with `best_seconds_per_call`, return bytes per second."""
+    """Masking throughput for a SecretList of about `response_bytes` (1 KB to 50 MB), bytes per second."""
     if find_spec("jitgate.masking") is None:
         raise NotYetMeasurable("no masking step in jitgate yet")
-    raise NotYetMeasurable("jitgate.masking exists now: time it in masking_bytes_per_second")
+    from scripts.bench.masking import masking_seconds, secret_list_of_size
+
+    body = secret_list_of_size(response_bytes)
+    return len(body) / masking_seconds(body)
 
 
-def pending_curves() -> list[Curve]:
-    """The curves of steps that do not exist yet, each tried at its first size for its reason."""
+def masking_curve() -> Curve:
+    """Masking against json.loads + json.dumps of the same SecretList, and the check a body without
+    secrets costs (a PodList of the same size), in MB/s; the ratios of scripts/bench/masking.py as notes."""
     curve = Curve("Masking throughput vs response size", "response bytes", "MB/s")
     try:
         for size in MASKING_SIZES:
-            curve.add("masking", size, masking_bytes_per_second(size) / 1e6)
+            curve.add("masking (SecretList)", size, masking_bytes_per_second(size) / 1e6)
     except NotYetMeasurable as e:
         curve.not_measurable = str(e)
-    return [curve]
+        return curve
+    from scripts.bench import masking as bench_masking
+
+    for size in (s for s in MASKING_SIZES if s <= 10_000_000):  # the 50 MB point: masking alone (time)
+        secrets, pods = bench_masking.secret_list_of_size(size), bench_masking.pod_list_of_size(size)
+        curve.add("json.loads + json.dumps (SecretList)", size, len(secrets) / bench_masking.json_seconds(secrets) / 1e6)
+        curve.add("no-secret check (PodList)", size, len(pods) / bench_masking.masking_seconds(pods) / 1e6)
+    for name, row in bench_masking.measure().items():
+        curve.notes.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    return curve
+
+
+def pending_curves() -> list[Curve]:
+    """The curves of steps that may not exist yet, each tried at its first size for its reason."""
+    return [masking_curve()]
 
 
 def spread(values: Sequence[float]) -> float:

@@ -47,6 +47,9 @@ if str(REPO) not in sys.path:
 from jitgate.cli.client import ApiError, Client, Connection, StaticToken  # noqa: E402
 from jitgate.policy.loader import load_policy  # noqa: E402
 from scripts.bench import bodies, curves, load, report, watches  # noqa: E402
+from scripts.bench import guardrail_approval as bench_approval  # noqa: E402
+from scripts.bench import guardrails as bench_guardrails  # noqa: E402
+from scripts.bench import self_review as bench_self_review  # noqa: E402
 from scripts.bench.proxies import ProcStat, ProxyProcess  # noqa: E402
 from scripts.bench.upstream import (  # noqa: E402
     CLUSTER_NAME,
@@ -315,6 +318,9 @@ class Bench:
                  curves.grant_decision_curve(policy, grants),
                  curves.rule_decision_curve(policy)]
         found += curves.pending_curves()
+        found.append(bench_guardrails.decision_curve())  # default pack + up to 10,000 extra rules
+        found.append(bench_approval.approval_curve())  # require-approval: digest and permit transaction
+        found.append(bench_self_review.cost_curve())  # kubectl auth whoami/can-i: the guard every call pays
         return [vars(c) for c in found], curves.request_parsing_costs()
 
     def watch_memory(self, counts: tuple[int, ...], proxies: tuple[str, ...] = ("bare", "gateway")) -> list[dict]:

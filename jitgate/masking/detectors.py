@@ -1,0 +1,249 @@
+"""Detectors: named patterns for values that look secret wherever they appear in a response.
+
+Each detector is one regular expression; the part of a match that is secret is its `value` group
+(or the whole match), so a `password=` pair keeps its name and loses only its value. A detector set
+also knows which *names* say secret (env vars, ConfigMap keys, annotations): a name is split into
+words (`DB_PASSWORD`, `apiKey`, `example.com/ssh-key`) and one word from the list is enough.
+
+Plain Python (no mitmproxy); the policy's `masking:` section builds a `DetectorSet` from these.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+TEXT_MARKER = "[masked:{name}]"
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    pattern: str  # a regular expression; a `value` group, when present, is the secret part
+    description: str = ""
+    hints: tuple[str, ...] = ()  # lower-case literals one of which is in any match, in any case
+    exact_hints: tuple[str, ...] = ()  # literals one of which is in any match exactly as written
+
+    def compile(self) -> re.Pattern:
+        return re.compile(self.pattern)
+
+    @property
+    def marker(self) -> str:
+        return TEXT_MARKER.format(name=self.name)
+
+
+# Words that make a name secret: env var names, ConfigMap keys, annotation keys, `name=` pairs.
+SECRET_WORDS: tuple[str, ...] = (
+    "password", "passwd", "passphrase", "pwd", "pass", "secret", "secrets", "token", "tokens", "key", "keys",
+    "apikey", "credential", "credentials", "creds", "privatekey",
+)
+# Words that end a secret word glued to another one (`DBPASSWORD`, `accesstoken`, `clientsecret`).
+SECRET_SUFFIXES: tuple[str, ...] = ("password", "passwd", "secret", "token", "apikey", "credentials", "privatekey")
+
+_PAIR_NAME = r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_.-]*?(?i:passw(?:or)?d|passphrase|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)[A-Za-z0-9_.-]*"
+
+BUILTIN: tuple[Detector, ...] = (
+    Detector("aws-access-key-id", r"(?<![A-Z0-9])(?P<value>(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16})(?![A-Z0-9])",
+             "AWS access key ids (AKIA..., ASIA... temporary ones).", exact_hints=("AKIA", "ASIA", "ABIA", "ACCA")),
+    Detector("aws-secret-access-key",
+             r"(?i:aws)[A-Za-z0-9_. -]{0,20}(?i:secret)[A-Za-z0-9_. -]{0,20}[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])",
+             "AWS secret access keys next to their name (aws_secret_access_key = ...).", hints=("secret",)),
+    Detector("private-key",
+             r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----(?P<value>[\s\S]*?)-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----",
+             "PEM private key blocks (RSA, EC, OpenSSH, PGP, PKCS#8): the body between the lines.", hints=("private key",)),
+    Detector("jwt", r"(?<![A-Za-z0-9_-])(?P<value>eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*)",
+             "JSON Web Tokens (service account tokens, OIDC ID tokens).", exact_hints=("eyJ",)),
+    Detector("bearer-token", r"(?i:bearer)\s+(?P<value>[A-Za-z0-9._~+/-]{12,}=*)",
+             "Bearer tokens in Authorization-like text.", hints=("bearer",)),
+    Detector("connection-string-password",
+             r"[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"']+:(?P<value>[^\s@/\"']+)@",
+             "Passwords in URLs and connection strings (postgres://user:password@host).", exact_hints=("://",)),
+    Detector("secret-pair",
+             _PAIR_NAME + r"[\"']?[ \t]*[:=][ \t]*[\"']?(?P<value>(?!\[masked:)[^\s\"',;&]{3,})",
+             "`password=...`, `token: ...`, `DB_PASSWORD=...` pairs whose name says secret.", hints=("passw", "passphrase", "pwd", "secret", "token", "key", "credential")),
+)
+_COMMON = (b"secret", b"key", b"token", b"pass")
+# Shorter literals that stand for several longer ones: one scan instead of two ("creds", "credential").
+_MERGED = (b"cred", b"pass")
+# UTF-8 of the letters a case-insensitive pattern matches as ASCII ones (ſ s, K k, ı İ i): a body
+# with one is looked at, since lower-casing its bytes does not spell the literal.
+_FOLDS_TO_ASCII = tuple(c.encode() for c in "\u017f\u212a\u0131\u0130")
+SMALL = 2048  # bytes: below, a body is checked by combined patterns, above by literal scans
+BUILTIN_NAMES: tuple[str, ...] = tuple(d.name for d in BUILTIN)
+
+
+def name_words(name: str) -> list[str]:
+    """`DB_PASSWORD` -> [db, password]; `apiKey` -> [api, key]; `example.com/ssh-key` -> [example, com, ssh, key]."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
+
+
+class DetectorSet:
+    """The detectors in force and the secret-name words, compiled once."""
+
+    def __init__(self, detectors: Iterable[Detector] = BUILTIN, secret_words: Iterable[str] = SECRET_WORDS,
+                 not_secret_names: Iterable[str] = ()) -> None:
+        self.detectors = tuple(detectors)
+        self.compiled = tuple((d, d.compile()) for d in self.detectors)
+        self.words = frozenset(w.lower() for w in secret_words)
+        self.not_secret = frozenset(n.lower() for n in not_secret_names)
+        # One search says whether any detector could match a string: most strings match none.
+        parts = [re.sub(r"\(\?P<\w+>", "(?:", d.pattern) for d in self.detectors]
+        try:
+            self.gate = re.compile("|".join(f"(?:{p})" for p in parts)) if parts else None
+        except re.error:  # custom patterns with back references cannot be combined
+            self.gate = _AnyOf([c for _, c in self.compiled])
+        self.unhinted = tuple(c for d, c in self.compiled if not (d.hints or d.exact_hints))
+        # Whether a body can hold anything to mask, told by a few literal scans (each a C loop over the
+        # bytes) instead of a parse: a detector's literal, or a secret word (a name that says secret).
+        self.names_prefilter = _Prefilter({h for d in self.detectors for h in d.hints} | self.words | set(SECRET_SUFFIXES),
+                                          {h for d in self.detectors for h in d.exact_hints}, self.unhinted)
+        # Detectors alone (no names): whether any string of a body needs the detectors at all.
+        self.text_prefilter = _Prefilter({h for d in self.detectors for h in d.hints},
+                                         {h for d in self.detectors for h in d.exact_hints}, self.unhinted)
+        self.roots = self.names_prefilter.lowered
+        # The same per string (field values, log lines): literal checks cost a fraction of the combined
+        # pattern's search, and a string shorter than every possible match is not searched at all.
+        self.text_lowered = tuple(r.decode() for r in self.text_prefilter.lowered)
+        self.text_exact = tuple(sorted({h for d in self.detectors for h in d.exact_hints}))
+        self.min_length = min((_min_width(d.pattern) for d in self.detectors), default=0)
+        self.is_secret_name = functools.lru_cache(maxsize=4096)(self._is_secret_name)
+
+    def _is_secret_name(self, name: str) -> bool:
+        if name.lower() in self.not_secret:
+            return False
+        for word in name_words(name):
+            if word in self.words or word.endswith(SECRET_SUFFIXES):
+                return True
+        return False
+
+    def mask_text(self, text: str) -> tuple[str, int]:
+        """`text` with every detected value replaced by its detector's marker, and how many were."""
+        if len(text) < self.min_length or self.gate is None or not self._may_detect(text) or self.gate.search(text) is None:
+            return text, 0
+        count = 0
+        for detector, regex in self.compiled:
+            marker = detector.marker
+
+            def replace(m: re.Match, marker=marker) -> str:
+                nonlocal count
+                if "value" not in regex.groupindex or m.start("value") < 0:
+                    count += 1
+                    return marker
+                if m.group("value") == "":
+                    return m.group(0)
+                count += 1
+                start, end = m.start("value") - m.start(), m.end("value") - m.start()
+                whole = m.group(0)
+                return whole[:start] + marker + whole[end:]
+
+            text = regex.sub(replace, text)
+        return text, count
+
+    def _may_detect(self, text: str) -> bool:
+        """False when no detector can match `text`: none of their literals is in it."""
+        if self.unhinted or not text.isascii():  # re's IGNORECASE folds ſ to s, K (Kelvin) to k...
+            return True
+        lowered = text.lower()
+        for literal in self.text_lowered:
+            if literal in lowered:
+                return True
+        for literal in self.text_exact:
+            if literal in text:
+                return True
+        return False
+
+    def could_match_body(self, body: bytes) -> bool:
+        """Whether a detector or a secret name could match somewhere in a whole body: False lets it pass unparsed."""
+        return self.names_prefilter(body)
+
+    def could_detect(self, body: bytes) -> bool:
+        """Whether a detector could match any string of a body: False spares the per-string searches."""
+        return self.text_prefilter(body)
+
+
+def _min_width(pattern: str) -> int:
+    """The fewest characters a pattern matches (0 when it cannot be told)."""
+    try:
+        from re import _parser  # the stdlib's own pattern parser (sre_parse)
+
+        return int(_parser.parse(pattern).getwidth()[0])
+    except Exception:  # noqa: BLE001 - an unknown width only costs a search
+        return 0
+
+
+class _Prefilter:
+    """Literal scans that find every body a set of literals (and unhinted patterns) could match.
+
+    `lowered`: searched in the lower-cased body; `exact`: in the body as it is (case-sensitive ones,
+    so no lowering is needed for them). A JSON `\\u` escape could spell a literal in other bytes, so a
+    body with one is always looked at (kube-apiserver escapes only `<>&`: rare)."""
+
+    def __init__(self, lowered: set[str], exact: set[str], unhinted: tuple[re.Pattern, ...]) -> None:
+        literals = {x.lower().encode() for x in lowered}
+        literals |= {m for m in _MERGED if sum(m in x for x in literals) >= 2}
+        # A literal that contains another one adds nothing ("password" when "pass" is there).
+        roots = [x for x in literals if not any(o != x and o in x for o in literals)]
+        # The likeliest first: a body with a Secret in it is told after one scan, not after all.
+        self.lowered = tuple(sorted(roots, key=lambda r: (_COMMON.index(r) if r in _COMMON else len(_COMMON), r)))
+        exact_b = {x.encode() for x in exact}
+        exact_b = {x for x in exact_b if not any(x.lower().find(r) >= 0 for r in self.lowered)}
+        # Exact literals sharing a first byte: one regex whose literal first byte the regex engine
+        # scans for (AKIA|ASIA|ABIA|ACCA: one pass, not four).
+        groups: dict[int, list[bytes]] = {}
+        for x in sorted(exact_b):
+            groups.setdefault(x[0], []).append(x)
+        self.exact = tuple(g[0] for g in groups.values() if len(g) == 1)
+        self.exact_res = tuple(re.compile(re.escape(g[0][:1]) + b"(?:" + b"|".join(re.escape(x[1:]) for x in g) + b")")
+                               for g in groups.values() if len(g) > 1)
+        self.unhinted = unhinted
+        # A small body is told faster by two combined patterns (a scan's fixed cost dominates there);
+        # a big one by the literal scans (the combined pattern tries every branch at every byte).
+        self.small_lowered = re.compile(b"|".join(re.escape(x) for x in self.lowered)) if self.lowered else None
+        self.small_exact = re.compile(b"|".join([re.escape(x) for x in self.exact] + [r.pattern for r in self.exact_res]
+                                                + [re.escape(b"\\u")]))
+
+    def __call__(self, body: bytes) -> bool:
+        if not body.isascii() and any(c in body for c in _FOLDS_TO_ASCII):
+            return True
+        if len(body) < SMALL:
+            if (self.small_lowered is not None and self.small_lowered.search(body.lower())) or self.small_exact.search(body):
+                return True
+            return self._unhinted(body)
+        if self.lowered:
+            lowered = body.lower()
+            for root in self.lowered:
+                if root in lowered:
+                    return True
+        for literal in self.exact:
+            if literal in body:
+                return True
+        for regex in self.exact_res:
+            if regex.search(body):
+                return True
+        if b"\\u" in body:
+            return True
+        return self._unhinted(body)
+
+    def _unhinted(self, body: bytes) -> bool:
+        if not self.unhinted:
+            return False
+        text = body.decode("utf-8", "replace")
+        return any(c.search(text) for c in self.unhinted)
+
+
+class _AnyOf:
+    def __init__(self, patterns: list[re.Pattern]) -> None:
+        self.patterns = patterns
+
+    def search(self, text: str):
+        for p in self.patterns:
+            m = p.search(text)
+            if m:
+                return m
+        return None
+
+
+DEFAULT_DETECTORS = DetectorSet()
