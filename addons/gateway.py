@@ -12,23 +12,23 @@ refuses the call (or the connection, in a connection or TLS hook) instead of let
 the steps it skipped, or with mitmproxy's defaults; the audit step still runs, so the refusal is
 recorded.
 
-Which step runs in which hook, in chain order (tests/test_gateway_table.py checks this table
-against the code; `python -m tests.test_gateway_table` prints it):
+Which step runs in which hook (hooks by name, steps in chain order; tests/test_gateway_table.py
+checks this table against the code, `python -m tests.test_gateway_table` prints it):
 
-    next_layer               ClusterRouting
-    server_connect           ClusterRouting
-    tcp_start                ClusterRouting, Audit
-    tcp_message              ClusterRouting
-    tls_start_server         ClusterRouting
-    tls_established_client   ClusterRouting
-    requestheaders           RequestHygiene, Identity, RequestAttributes, Streaming, Audit
-    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, SelfReview, Grants, Guardrails, UpstreamCredential, Masking, Audit
-    responseheaders          Streaming, Grants, UpstreamCredential, Masking, Audit
-    response                 Streaming, SelfReview, Grants, Masking, Audit
     error                    Grants, UpstreamCredential, Audit
     http_connect             ClusterRouting, Audit
-    websocket_message        Guardrails, Masking
+    next_layer               ClusterRouting
+    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, SelfReview, Grants, Guardrails, UpstreamCredential, Masking, Audit
+    requestheaders           RequestHygiene, Identity, RequestAttributes, Streaming, Audit
+    response                 Streaming, SelfReview, Grants, Masking, Audit
+    responseheaders          Streaming, Grants, UpstreamCredential, Masking, Audit
+    server_connect           ClusterRouting
+    tcp_message              ClusterRouting
+    tcp_start                ClusterRouting, Audit
+    tls_established_client   ClusterRouting
+    tls_start_server         ClusterRouting
     websocket_end            Grants, Guardrails, Masking, Audit
+    websocket_message        Guardrails, Masking
 
 Lifecycle hooks (load, configure, running, done) run in every step that has them. Flows read back
 with `-r` (not live) skip the chain: nothing is checked or sent again.

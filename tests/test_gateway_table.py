@@ -18,7 +18,8 @@ def hook_table() -> str:
     spec.loader.exec_module(module)
     steps = module.build_chain()
     rows = []
-    for hook in hooks.all_hooks:
+    # Sorted: hooks.all_hooks is filled in import order, which differs between processes.
+    for hook in sorted(hooks.all_hooks):
         if hook in LIFECYCLE:
             continue
         names = [type(step).__name__ for step in steps if callable(getattr(step, hook, None))]

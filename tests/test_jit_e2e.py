@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from testkit.gateway import GatewayProcess
-from testkit.standin.process import KUBECTL, kubectl_env, run_kubectl
+from testkit.standin.process import KUBECTL, kubectl_env, read_until, run_kubectl
 from tests.conftest import DEV_HOST, aws_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_revocation_ends_live_watch_and_exec(jit: JIT) -> None:
     shell = subprocess.Popen([KUBECTL, "exec", "-i", "-n", "dev", "toolbox", "--", "sh"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        assert b"toolbox" in watch.stdout.readline() + watch.stdout.readline()
+        assert b"toolbox" in read_until(watch.stdout, b"toolbox")
         shell.stdin.write(b"echo alive\n")
         shell.stdin.flush()
         assert shell.stdout.readline() == b"alive\n"

@@ -17,7 +17,7 @@ import pytest
 from jitgate.access.errors import InvalidRequest
 from jitgate.access.workflow import check_reason
 from jitgate.kube import stream_endings
-from testkit.standin.process import KUBECTL, kubectl_env
+from testkit.standin.process import KUBECTL, kubectl_env, read_until
 from tests.test_self_review import Env
 
 ENDED = "jitgate: this session ended: grant revoked by rita@example.com"
@@ -91,7 +91,7 @@ def test_revoked_watch_exec_and_log_follow_say_why(env: Env, mode: str) -> None:
     shell = popen(env, mode, "exec", "-n", "dev", "toolbox", "--", "sh", "-c", "echo started; sleep 60")
     logs = popen(env, mode, "logs", "-f", "-n", "dev", "toolbox")
     try:
-        assert b"toolbox" in watch.stdout.readline() + watch.stdout.readline()
+        assert b"toolbox" in read_until(watch.stdout, b"toolbox")
         assert shell.stdout.readline() == b"started\n"
         assert logs.stdout.readline()
         revoked_at = time.monotonic()
@@ -120,7 +120,7 @@ def test_in_proxy_mode_revoked_sessions_still_end(env: Env) -> None:
     grant = env.grant("dev", ("dev",), ("pods", "pods/exec"), ("get", "list", "watch", "create"))
     watch = popen(env, "proxy", "get", "pods", "-n", "dev", "-w")
     shell = popen(env, "proxy", "exec", "-n", "dev", "toolbox", "--", "sh", "-c", "echo started; sleep 60")
-    assert b"toolbox" in watch.stdout.readline() + watch.stdout.readline()
+    assert b"toolbox" in read_until(watch.stdout, b"toolbox")
     assert shell.stdout.readline() == b"started\n"
     env.revoke(grant)
     assert finish(watch)[0] is not None and finish(shell)[0] != 0
@@ -134,7 +134,7 @@ def test_a_session_moves_to_another_grant_that_covers_it(env: Env) -> None:
     first = env.grant("dev", ("default",), ("pods",), ("get", "list", "watch"))
     watch = popen(env, "reverse", "get", "pods", "-n", "default", "-w")
     try:
-        assert b"nginx" in watch.stdout.readline() + watch.stdout.readline()
+        assert b"nginx" in read_until(watch.stdout, b"nginx")
         second = env.grant("dev", ("default",), ("pods", "configmaps"), ("get", "list", "watch"))
         env.revoke(first)
         time.sleep(3)
@@ -154,7 +154,7 @@ def test_expiry_of_a_short_grant_does_not_cut_a_session_a_longer_one_covers(env:
     env.grant("dev", ("default",), ("pods",), ("get", "list", "watch"), duration=4)
     results: list = []
     watch = popen(env, "reverse", "get", "pods", "-n", "default", "-w")
-    reader = threading.Thread(target=lambda: results.append(watch.stdout.readline() + watch.stdout.readline()))
+    reader = threading.Thread(target=lambda: results.append(read_until(watch.stdout, b"nginx")))
     reader.start()
     reader.join(10)
     assert results and b"nginx" in results[0]

@@ -51,6 +51,9 @@ class Masker:
         self.detectors = detectors
         self.count = 0
         self.scan = True  # False: no detector can match any string of the body being masked
+        # Detector results of this pass by string: lists repeat the same values in every item, and
+        # the detectors read a string alone (no context), so one answer serves every occurrence.
+        self.memo: dict[str, tuple[str, int]] = {}
 
     # -- bodies -------------------------------------------------------------------------------
 
@@ -78,6 +81,7 @@ class Masker:
             obj = self.mask_value(obj, secrets)
         finally:
             self.scan = True
+            self.memo = {}
         if not self.count:
             return Result(body, 0)
         return Result(_encode(obj).encode(), self.count)
@@ -177,7 +181,12 @@ class Masker:
     def _text(self, text: str) -> str:
         if not self.scan:
             return text
-        masked, n = self.detectors.mask_text(text)
+        hit = self.memo.get(text)
+        if hit is None:
+            hit = self.detectors.mask_text(text)
+            if len(self.memo) < 4096:
+                self.memo[text] = hit
+        masked, n = hit
         if n:
             self.count += n
             return masked

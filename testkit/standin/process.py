@@ -241,3 +241,15 @@ class TerminalSession:
             self.proc.kill()
             self.proc.wait(5)
         os.close(self.master)
+
+
+def read_until(stream, needle: bytes, max_lines: int = 50) -> bytes:
+    """Lines of a kubectl stream up to the first that holds `needle` (or EOF): `get -w` lists every
+    pod of the namespace first, and other tests may have left pods there."""
+    seen = b""
+    for _ in range(max_lines):
+        line = stream.readline()
+        seen += line
+        if not line or needle in line:
+            break
+    return seen
