@@ -23,6 +23,7 @@ errors.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib.metadata
 import os
@@ -321,7 +322,9 @@ class Bench:
         found.append(bench_guardrails.decision_curve())  # default pack + up to 10,000 extra rules
         found.append(bench_approval.approval_curve())  # require-approval: digest and permit transaction
         found.append(bench_self_review.cost_curve())  # kubectl auth whoami/can-i: the guard every call pays
-        return [vars(c) for c in found], curves.request_parsing_costs()
+        # Copies: a curve object may be reused by its module afterwards (one CI run reported empty
+        # curves that had been measured); the results must keep what was measured.
+        return [copy.deepcopy(vars(c)) for c in found], curves.request_parsing_costs()
 
     def watch_memory(self, counts: tuple[int, ...], proxies: tuple[str, ...] = ("bare", "gateway")) -> list[dict]:
         b = self.backends
