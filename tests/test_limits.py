@@ -161,7 +161,10 @@ def test_body_growing_past_the_limit_is_cut_off(lab, alice_token, mode, protocol
         reply = h1_request(lab, mode, "POST", CONFIGMAPS, alice_token, body=chunked + b"0\r\n\r\n", content_length=False,
                            headers=[("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")])
     assert reply.status == 413 and "larger than 3 MiB" in reply.json()["message"], reply
-    assert reply.sent < len(body) // 2
+    # Cut off before the end; how much more the client pushed into kernel buffers and HTTP/2 windows
+    # before reading the 413 depends on scheduling (a loaded CI run saw 11 of 20 MiB), so the bound
+    # that proves nothing is buffered is the memory one below.
+    assert reply.sent < len(body)
     assert peak_rss_kib(pid) - before < 12 * 1024  # at most the limit is held, never the body
     assert seen(lab) == []
     assert audited_as_refused(lab.gateway, 413, "larger than 3 MiB")
