@@ -212,7 +212,7 @@ def test_every_documented_path_is_routed(h: Harness) -> None:
 # Not a second hand-written list: each check below asks the handler itself (fresh store per probe)
 # and compares its answers with docs/openapi.yaml, so a change on either side alone fails here.
 
-SANDBOX_BODY = {"cluster": "dev", "namespaces": ["sandbox"], "cluster_wide": False, "resources": ["pods"], "verbs": ["get"],
+SANDBOX_BODY = {"cluster": "dev", "namespaces": ["sandbox"], "cluster_wide": False, "resources": ["pods"], "verbs": ["get"], "reveal": False,
                 "duration": "1h", "reason": "probe", "rule": "sandbox"}
 # Refusals of the body's shape (the handler's own parsing), as opposed to the policy's refusals.
 SHAPE_REFUSAL = re.compile(r"field '[^']+' (is required|must be|appears)|field '[^']+': |unknown field|the request body|takes no request body")
@@ -794,3 +794,51 @@ def test_an_operation_request_shows_its_operation_and_permit(h: Harness) -> None
     assert approved["state"] == "approved" and approved["grant"] is None and approved["permit"]["used"] is False
     detail = h.ok("GET", f"{R}/{request.id}")
     assert detail["events"][-1]["kind"] == "request.approved"
+
+
+REVEAL_RULES_YAML = """
+    access_rules:
+      - name: secrets-read
+        requesters: [oidc:developers]
+        clusters: [dev]
+        namespaces: [dev]
+        resources: [secrets]
+        verbs: [get, list]
+        duration: 1h
+        approval: {mode: reviewers, reviewers: ["oidc:sre"]}
+      - name: secrets-reveal
+        requesters: [oidc:developers]
+        clusters: [dev]
+        namespaces: [dev]
+        resources: [secrets]
+        verbs: [get]
+        duration: 30m
+        reveal: true
+        approval: {mode: reviewers, reviewers: ["oidc:security"]}
+"""
+
+
+def test_reveal_is_asked_for_and_granted_only_under_a_rule_that_allows_it(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t")
+    cluster = {"dev": Cluster("dev", "https://dev.example", "dev.example", 443, tmp_path / "ca.pem", TokenFileCredential(tmp_path / "token"))}
+    path = tmp_path / "reveal.yaml"
+    path.write_text(textwrap.dedent(REVEAL_RULES_YAML).lstrip())
+    rules = parse_access_rules(Node(_read_file(path), path, "").children("access_rules"), cluster)
+    db = tmp_path / "state" / "grants.db"
+    with SQLiteStore(db) as store:
+        h = Harness(store, rules, db)
+        body = {"cluster": "dev", "namespaces": ["dev"], "resources": ["secrets"], "verbs": ["get"]}
+        # Without `reveal`, the first rule that fits takes it and the grant masks.
+        plain = h.ok("POST", R, body, expect=201)
+        assert plain["rule"] == "secrets-read" and "reveal" not in plain["scope"]
+        # With it, only the reveal rule can: its reviewers decide, and the grant says reveal.
+        asked = h.ok("POST", R, {**body, "reveal": True}, expect=201)
+        assert asked["rule"] == "secrets-reveal" and asked["scope"]["reveal"] is True
+        code, refused = h.call("POST", R, {**body, "reveal": True, "rule": "secrets-read"})
+        assert code == 403 and "revealing secret values is not allowed" in refused["message"]
+        code, bad = h.call("POST", R, {**body, "reveal": "yes"})
+        assert code == 400 and "'reveal' must be true or false" in bad["message"]
+        approved = h.ok("POST", f"{R}/{asked['id']}/approve", {"reason": "incident 7"}, who=CAROL)
+        assert approved["grant"]["scope"]["reveal"] is True
+        grants = h.store.active_grants_for("erin@example.com", "dev", h.clock.now)
+        assert [g.scope.reveal for g in grants] == [True]

@@ -435,3 +435,14 @@ def test_connection_settings_and_errors(world: World) -> None:
     err = world.run(failing, "whoami", code=2).stderr
     assert "env or args from the kubeconfig missing" in err and f"exec credential plugin {sys.executable} failed with exit code 1" in err
     assert "jitgate: no OIDC ID token" in world.run(world.kubeconfig("nobody", {}), "whoami", code=2).stderr
+
+
+def test_reveal_flag_asks_for_unmasked_values(world: World) -> None:
+    erin = world.kubeconfig("erin", {"token": world.token("erin", "developers")})
+    done = world.run(erin, "request", "--cluster", "dev", "-n", "dev", "--resource", "pods", "--verb", "get",
+                     "--reason", "INC-9", "--reveal", code=1)
+    # The flag reached the gateway: no rule here allows reveal, and the refusal names it.
+    assert "no access rule covers get pods in namespace dev on cluster dev, secret values revealed" in done.stderr
+    plain = world.run(erin, "request", "--cluster", "dev", "-n", "dev", "--resource", "pods", "--verb", "get", "--reason", "INC-9",
+                      "-o", "json").stdout
+    assert "reveal" not in json.loads(plain)["scope"]

@@ -89,7 +89,7 @@ class Route:
         return True, ident
 
 
-CREATE_FIELDS = frozenset({"cluster", "namespaces", "cluster_wide", "resources", "verbs", "duration", "reason", "rule"})
+CREATE_FIELDS = frozenset({"cluster", "namespaces", "cluster_wide", "resources", "verbs", "reveal", "duration", "reason", "rule"})
 REASON_FIELDS = frozenset({"reason"})
 
 ROUTES: tuple[Route, ...] = (
@@ -205,6 +205,7 @@ class AccessAPI:
             "cluster_wide": b.boolean("cluster_wide"),
             "resources": b.strings("resources", required=True),
             "verbs": b.strings("verbs", required=True),
+            "reveal": b.boolean("reveal"),
         })
         rules = self.rules
         request = self.store.create_request(

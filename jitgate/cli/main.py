@@ -208,6 +208,8 @@ def cmd_request(args: argparse.Namespace) -> int:
         "resources": _items(args.resource),
         "verbs": _items(args.verb),
     }
+    if args.reveal:
+        body["reveal"] = True
     for key in ("duration", "reason", "rule"):
         if getattr(args, key):
             body[key] = getattr(args, key)
@@ -508,6 +510,8 @@ def _add_access_commands(sub) -> None:
                      help="resource[.group][/subresource], e.g. pods, pods/log, deployments.apps (repeatable)")
     req.add_argument("--verb", action="append", required=True, metavar="V", help="get, list, watch, create, update, patch, delete, "
                                                                                "deletecollection, or * (repeatable)")
+    req.add_argument("--reveal", action="store_true",
+                     help="ask for secret values unmasked in the grant's responses (only rules with reveal: true allow it)")
     req.add_argument("--duration", help="how long, e.g. 30m or 2h (default: the rule's default)")
     req.add_argument("--reason", help="why you need it (some rules require one)")
     req.add_argument("--rule", help="file under this access rule (default: the first that fits)")
