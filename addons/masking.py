@@ -11,8 +11,9 @@ Only resource calls the cluster answers are masked (discovery and the gateway's 
 - websocket_message: stdout/stderr frames of exec/attach are masked line by line; a partial line
   is held back at most `masking.partial_line_timeout` seconds, then released masked.
 
-`X-Jitgate-Masked: N` tells the client how many values were masked (buffered responses); the audit
-event carries `jitgate.dev/masked` (streams: counted to their end) or `jitgate.dev/revealed`.
+`X-Jitgate-Masked: N` tells the client how many values were masked (buffered responses; `stream` on
+watches, followed logs and exec/attach, whose count is known only at their end); the audit event
+carries `jitgate.dev/masked` (streams: counted to their end) or `jitgate.dev/revealed`.
 
     mitmdump -s addons/masking.py --set policy=policies/demo.yaml
 """
@@ -85,6 +86,12 @@ def _response_headers(headers: http.Headers) -> tuple[str, str, bool]:
     return content_type, "" if encoding.lower() in ("", "identity") else encoding, marked
 
 
+def _mark_streamed(headers: http.Headers) -> None:
+    """A stream's count is known only at its end, after its headers went out: the header says the
+    stream is masked (`stream`), and the audit event's `jitgate.dev/masked` has the count."""
+    headers.fields = tuple(f for f in headers.fields if f[0].lower() != _MASKED_FIELD_LOWER) + ((_MASKED_FIELD, b"stream"),)
+
+
 class _Decoder:
     """Content-Encoding undone chunk by chunk (gzip, deflate; br when brotli is installed)."""
 
@@ -144,6 +151,7 @@ class Masking:
         if response.status_code == 101:
             if info.subresource in ("exec", "attach"):
                 self.sessions[flow] = ExecMasker(self.masker.detectors, response.headers.get("Sec-WebSocket-Protocol", ""))
+                _mark_streamed(response.headers)
             return
         if not response.stream:
             return  # buffered: masked whole at `response`
@@ -165,6 +173,7 @@ class Masking:
                 return
             del response.headers["Content-Encoding"]
         response.headers.pop("Content-Length", None)
+        _mark_streamed(response.headers)
         annotations = call.annotations
 
         def stream(chunk: bytes) -> bytes:
