@@ -121,13 +121,15 @@ class Grants:
             if rule is not None:
                 await self.hold(flow, call, rule)
                 return
+            # A refusal names the caller's pending request that would cover the call, if any.
+            pending = await self.service.pending_covering(call.identity.username, call.cluster.name, call.info)
         except StoreError as e:
             # The store's message names its file: for the gateway's log, not for callers.
             log.error("grant store unavailable, refusing call %s: %s", call.audit_id, e)
             refuse(flow, 503, "jitgate: the grant store is unavailable, so calls are refused until it is back "
                               f"(audit ID {call.audit_id})")
             return
-        refuse(flow, 403, how_to_request(self.service.rules, call.identity.groups, call.cluster.name, call.info))
+        refuse(flow, 403, how_to_request(self.service.rules, call.identity.groups, call.cluster.name, call.info, pending))
 
     async def hold(self, flow: http.HTTPFlow, call: Call, rule) -> None:
         def filed(request_id: str) -> None:

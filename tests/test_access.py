@@ -443,14 +443,21 @@ def test_how_to_request(rules: tuple[AccessRule, ...]) -> None:
     assert how_to_request(rules, devs, "dev", watch) == (
         "jitgate: no active grant lets you watch pods in namespace team-a on cluster dev. Request access (rule dev-read, "
         "is approved automatically after 2m unless a reviewer denies it) with:\n"
-        "  jitgate request --cluster dev --namespace team-a --resource pods --verb get --verb list --verb watch --duration 1h "
-        "--reason '<why you need this access>'"
-    )
-    # The rule allows create on pods/exec but not the widened read set: the minimal scope is offered.
+        "  jitgate request --cluster dev --namespace team-a --resource pods --resource pods/log --verb get --verb list "
+        "--verb watch --duration 1h --reason '<why you need this access>'"
+    )  # reading pods goes on with their logs: one request covers list, get, watch and logs
+    # `kubectl exec` gets the pod, then creates pods/exec: the suggestion covers both in one request.
     exec_info = parse_request("POST", "/api/v1/namespaces/payments/pods/api-0/exec?command=sh")
     message = how_to_request(rules, ("oidc:oncall",), "prod", exec_info)
     assert "(rule prod-exec, needs 2 approval(s) from oidc:sre, oidc:security)" in message
-    assert message.endswith("--resource pods/exec --verb create --duration 30m --reason '<why you need this access>'")
+    assert message.endswith("--resource pods --resource pods/exec --verb get --verb create --duration 30m "
+                            "--reason '<why you need this access>'")
+    # `kubectl logs -f` reads the pod and its log.
+    logs = how_to_request(rules, devs, "dev", parse_request("GET", "/api/v1/namespaces/dev/pods/api-0/log?follow=true"))
+    assert "--resource pods --resource pods/log --verb get --verb list --verb watch" in logs
+    # A rule that admits only the call itself: that is what is offered (dev-read has no pods/exec).
+    only = how_to_request(rules, ("oidc:oncall",), "prod", parse_request("GET", "/api/v1/namespaces/payments/pods/api-0"))
+    assert only.endswith("--resource pods --verb get --duration 30m --reason '<why you need this access>'")
     sandbox = how_to_request(rules, devs, "prod", parse_request("DELETE", "/apis/apps/v1/namespaces/sandbox/deployments/x"))
     assert "(rule sandbox, is granted immediately)" in sandbox and "--verb delete --duration 8h" in sandbox
     secrets = parse_request("GET", "/api/v1/namespaces/dev/secrets/db")

@@ -111,3 +111,23 @@ def test_a_corrupt_store_stops_the_start(policy: Path, tmp_path: Path) -> None:
         tctx.configure(host, policy=str(policy), grant_store=str(tmp_path / "fine.db"))
         with pytest.raises(exceptions.OptionsError, match="cannot open the grant store: .*not a database"):
             tctx.configure(host, grant_store=str(corrupt))
+
+
+def test_a_held_call_that_times_out_says_what_to_do_and_a_retry_joins_the_same_request(policy: Path, tmp_path: Path) -> None:
+    approval = "    approval: {mode: reviewers, reviewers: [oidc:sre], required: 1}\n"
+    assert approval in policy.read_text()
+    policy.write_text(policy.read_text().replace(approval, approval + "    hold: {max_wait: 1s}\n"))
+    service = AccessService()
+    host, addon = AccessServiceHost(service), grants_module.Grants(service)
+    with taddons.context(host, addon) as tctx:
+        tctx.configure(host, policy=str(policy), grant_store=str(tmp_path / "grants.db"), hold_poll_interval_ms=50)
+        first = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
+        request_id = call_of(first).annotations["jitgate.dev/held-for-request"]
+        message = first.response.content.decode()
+        assert first.response.status_code == 403
+        assert f"access request {request_id} is still pending after 1s, so this call is refused" in message
+        assert "waits for 1 more approval from oidc:sre" in message and "Retry the same call once it is approved" in message
+        retry = flow_for(addon, "GET", "/api/v1/namespaces/dev/pods")
+        assert call_of(retry).annotations["jitgate.dev/held-for-request"] == request_id  # joined, not filed again
+        with SQLiteStore(tmp_path / "grants.db") as store:
+            assert [r.id for r in store.list_requests(requester=ALICE.username)] == [request_id]

@@ -156,7 +156,11 @@ def test_two_distinct_approvers_then_exactly_the_granted_scope(jit: JIT) -> None
     twice = jit.cli("dave", "approve", request_id, "--reason", "again", check=False)
     assert twice.returncode != 0 and "already" in (twice.stdout + twice.stderr).lower()
     assert jit.show("alice", request_id)["state"] == "pending"
-    assert jit.kubectl("alice", "get", "pods", "-n", "dev").returncode != 0, "one approval of two grants nothing"
+    early = jit.kubectl("alice", "get", "pods", "-n", "dev")
+    assert early.returncode != 0, "one approval of two grants nothing"
+    # The refusal names the pending request that covers the call, not a new one to file.
+    assert f"your access request {request_id} covers it and waits for 1 more approval from oidc:sre, oidc:sre-leads" \
+        in early.stderr and "jitgate request" not in early.stderr, early.stderr
     reviewable = jit.cli("bob", "list", "--reviewable").stdout
     assert request_id in reviewable
     jit.cli("bob", "approve", request_id, "--reason", "second pair of eyes")
@@ -240,6 +244,25 @@ def test_held_call_is_released_by_an_approval_from_another_process(jit: JIT) -> 
     assert results and results[0].returncode == 0, results
     assert "toolbox" in results[0].stdout
     assert time.monotonic() - started < 30
+
+
+def test_held_call_denied_by_a_reviewer_returns_the_reviewers_reason(jit: JIT) -> None:
+    results: list[subprocess.CompletedProcess] = []
+    held = threading.Thread(target=lambda: results.append(jit.kubectl("agent", "get", "pod", "toolbox", "-n", "dev", timeout=60)))
+    held.start()
+    request_id = None
+    deadline = time.monotonic() + 15
+    while request_id is None and time.monotonic() < deadline:
+        listing = json.loads(jit.cli("bob", "list", "--reviewable", "-o", "json").stdout)["items"]
+        pending = [r for r in listing if r["requester"] == "mcp-agent@example.com" and r["scope"]["verbs"] == ["get"]]
+        request_id = pending[0]["id"] if pending else None
+        time.sleep(0.3)
+    assert request_id, "the gateway filed the access request for the held call"
+    jit.cli("bob", "deny", request_id, "--reason", "agents read single pods only through the runbook")
+    held.join(30)
+    assert results and results[0].returncode != 0
+    assert f"access request {request_id} was denied by bob@example.com: agents read single pods only through the runbook" \
+        in results[0].stderr, results[0].stderr
 
 
 def test_revocation_ends_live_watch_and_exec(jit: JIT) -> None:

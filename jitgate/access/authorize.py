@@ -62,6 +62,43 @@ def scope_for_call(cluster: str, info: RequestInfo, widen_reads: bool = False) -
     return Scope(cluster, (), True, (ref,), verbs)
 
 
+# What one kubectl command needs besides the call that was refused: `kubectl exec`, `attach`,
+# `port-forward` and `logs` read the pod first. (subresource) -> (extra resource, extra verbs).
+_OPERATION_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "exec": ("", ("get",)), "attach": ("", ("get",)), "portforward": ("", ("get",)), "log": ("", READ_VERBS),
+}
+
+
+def suggested_scopes(cluster: str, info: RequestInfo) -> list[Scope]:
+    """Scopes to ask for so that the whole operation behind this call works, widest first: the
+    one that also covers what the kubectl command does around it (a pod's reads with its logs,
+    the pod get before an exec), then reads widened to get/list/watch, then the call alone. A
+    caller takes the first one an access rule admits. Raises `InvalidRequest` like scope_for_call."""
+    minimal = scope_for_call(cluster, info)
+    wide = scope_for_call(cluster, info, widen_reads=True)
+    whole = _whole_operation(wide, info)
+    out: list[Scope] = []
+    for scope in (whole, wide, minimal):
+        if scope is not None and scope not in out:
+            out.append(scope)
+    return out
+
+
+def _whole_operation(scope: Scope, info: RequestInfo) -> Scope | None:
+    if info.resource != "pods" or info.api_group:
+        return None
+    if info.subresource in _OPERATION_NEEDS:
+        _, verbs = _OPERATION_NEEDS[info.subresource]
+        resources = (ResourceRef("pods"), *scope.resources)
+        return Scope(scope.cluster, scope.namespaces, scope.cluster_wide, resources,
+                     tuple(dict.fromkeys((*verbs, *scope.verbs))))
+    if not info.subresource and info.verb in READ_VERBS:
+        # Reading pods usually goes on with their logs (an agent's list, get, logs): one request.
+        return Scope(scope.cluster, scope.namespaces, scope.cluster_wide, (*scope.resources, ResourceRef("pods", "", "log")),
+                     scope.verbs)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Deciding a call
 

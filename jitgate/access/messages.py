@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from jitgate.access.authorize import scope_for_call
+from jitgate.access.authorize import suggested_scopes
 from jitgate.access.errors import AccessError, InvalidRequest
 from jitgate.access.model import AccessRequest, Decision
 from jitgate.access.rules import AccessRule, ApprovalMode, choose_rule, rule_named
@@ -32,19 +32,23 @@ def request_command(scope: Scope, rule: AccessRule | None = None, reason: str | 
     return shlex.join(args)
 
 
-def how_to_request(rules: Sequence[AccessRule], groups: Iterable[str], cluster: str, info: RequestInfo) -> str:
-    """The refusal message for a call no grant covers: what was refused and the exact command
-    to ask for it, or why the caller cannot ask. kubectl prints it verbatim."""
+def how_to_request(rules: Sequence[AccessRule], groups: Iterable[str], cluster: str, info: RequestInfo,
+                   pending: AccessRequest | None = None) -> str:
+    """The refusal message for a call no grant covers: what was refused and either the caller's
+    pending request that covers it (`pending`) or the exact command to ask for the whole operation,
+    or why the caller cannot ask. kubectl prints it verbatim."""
     if not info.is_resource_request:
         return f"jitgate: {info.path} is not available through the gateway"
     groups = tuple(groups)
     what = _describe_call(cluster, info)
+    if pending is not None:
+        return f"jitgate: no active grant lets you {what} yet: your access request {pending.id} covers it and " \
+               f"{waiting_for(pending, rule_named(rules, pending.rule))}; see `jitgate show {pending.id}`"
     try:
-        minimal = scope_for_call(cluster, info)
+        scopes = suggested_scopes(cluster, info)
     except InvalidRequest as e:
         return f"jitgate: no active grant lets you {what}; {e.message}"
-    wide = scope_for_call(cluster, info, widen_reads=True)
-    for scope in (wide, minimal) if wide != minimal else (minimal,):
+    for scope in scopes:
         try:
             rule = choose_rule(rules, groups, scope)
         except AccessError:
@@ -59,6 +63,18 @@ def how_to_request(rules: Sequence[AccessRule], groups: Iterable[str], cluster: 
         return f"jitgate: no active grant lets you {what}. Request access (rule {rule.name}, {mode}) with:\n  {command}"
     who = f"your groups ({', '.join(groups)})" if groups else "you (you are in no group)"
     return f"jitgate: no active grant lets you {what}, and no access rule lets {who} request it; ask your platform team"
+
+
+def waiting_for(request: AccessRequest, rule: AccessRule | None) -> str:
+    """What a pending request waits for, in words: "waits for 1 more approval from oidc:sre"."""
+    if rule is not None and rule.approval.mode is ApprovalMode.AUTO and request.auto_approve_at is not None:
+        return "is approved automatically soon unless a reviewer denies it"
+    needed = approvals_required(rule)
+    if needed is None:
+        return "waits for a decision"
+    more = max(needed - len(request.approvers), 1)
+    reviewers = f" from {', '.join(rule.approval.reviewers)}" if rule is not None and rule.approval.reviewers else ""
+    return f"waits for {more} more approval{'s' if more > 1 else ''}{reviewers}"
 
 
 def _describe_call(cluster: str, info: RequestInfo) -> str:

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from jitgate.access.authorize import CallDecision, authorize_call, scope_for_call
+from jitgate.access.authorize import CallDecision, authorize_call, scope_for_call, suggested_scopes
 from jitgate.access.errors import AccessError, StoreError
-from jitgate.access.messages import notification_view
+from jitgate.access.messages import notification_view, waiting_for
 from jitgate.access.model import (
     AccessRequest,
     EventKind,
@@ -31,6 +31,7 @@ from jitgate.access.model import (
     RequestState,
 )
 from jitgate.access.rules import AccessRule, choose_rule
+from jitgate.access.scope import Scope
 from jitgate.kube.request_info import RequestInfo
 from jitgate.notify.webhooks import Notifier, Webhook
 
@@ -50,6 +51,18 @@ class HoldOutcome:
     request_id: str
     status: int = 403
     message: str = ""
+
+
+def ended_request_message(request: AccessRequest) -> str:
+    """Why a held call is refused when its request was decided against it: the reviewer's words."""
+    state = request.state.value
+    if request.state is RequestState.DENIED:
+        by = f" by {request.decided_by}" if request.decided_by else ""
+        why = f": {request.decision_reason}" if request.decision_reason else " (no reason given)"
+        return f"jitgate: access request {request.id} was denied{by}{why}; this call is refused"
+    if request.state is RequestState.CANCELLED:
+        return f"jitgate: access request {request.id} was cancelled; this call is refused"
+    return f"jitgate: access request {request.id} {state} before anyone decided it; this call is refused"
 
 
 class AccessService:
@@ -175,21 +188,49 @@ class AccessService:
 
     def hold_rule(self, groups: Sequence[str], cluster: str, info: RequestInfo) -> AccessRule | None:
         """The rule under which this call may be held while a human decides, if any."""
+        plan = self._hold_plan(groups, cluster, info)
+        return plan[0] if plan else None
+
+    def _hold_plan(self, groups: Sequence[str], cluster: str, info: RequestInfo) -> tuple[AccessRule, Scope] | None:
+        """The rule with a hold and the widest scope it admits for the operation behind this call:
+        an agent's list, get and logs of pods become one request, not three."""
         try:
-            rule = choose_rule(self.rules, groups, scope_for_call(cluster, info))
+            scopes = suggested_scopes(cluster, info)
         except AccessError:
             return None
-        return rule if rule.hold is not None else None
+        for scope in scopes:
+            try:
+                rule = choose_rule(self.rules, groups, scope)
+            except AccessError:
+                continue
+            if rule.hold is not None:
+                return rule, scope
+        return None
+
+    async def pending_covering(self, username: str, cluster: str, info: RequestInfo) -> AccessRequest | None:
+        """The caller's pending access request whose scope covers this call (for the refusal to
+        name it instead of suggesting a new one). Raises StoreError."""
+        store = self._require_store()
+        try:
+            scope = scope_for_call(cluster, info)
+        except AccessError:
+            return None
+        pending = await self.run(lambda: store.list_requests(requester=username, states=[RequestState.PENDING]))
+        return next((r for r in pending if r.operation is None and r.scope.contains(scope)), None)
 
     async def hold(self, who: Principal, cluster: str, info: RequestInfo, rule: AccessRule, client: str,
                    poll: float, on_filed: Callable[[str], None]) -> HoldOutcome:
         """File (or join) an access request for this call and wait until it is decided or the
         rule's `hold.max_wait` passes. Raises StoreError."""
         store = self._require_store()
-        scope = scope_for_call(cluster, info)
+        minimal = scope_for_call(cluster, info)
+        plan = self._hold_plan(who.groups, cluster, info)
+        scope = plan[1] if plan is not None and plan[0].name == rule.name else minimal
         now = time.time()
+        # A request of the caller's that covers the call already (a retry, the next call of the
+        # same operation): the call waits for that one.
         pending = [r for r in await self.run(lambda: store.list_requests(requester=who.username, states=[RequestState.PENDING]))
-                   if r.scope.contains(scope) and r.rule == rule.name]
+                   if r.operation is None and r.scope.contains(minimal) and r.rule == rule.name]
         if pending:
             request = pending[0]
         else:
@@ -213,12 +254,13 @@ class AccessService:
                 if decision.allowed:
                     return HoldOutcome(decision, request.id)
             if request.state in (RequestState.DENIED, RequestState.EXPIRED, RequestState.CANCELLED):
-                return HoldOutcome(None, request.id, 403,
-                                   f"jitgate: access request {request.id} was {request.state.value}; this call is refused")
+                return HoldOutcome(None, request.id, 403, ended_request_message(request))
             if time.time() >= deadline:
                 return HoldOutcome(None, request.id, 403,
-                                   f"jitgate: access request {request.id} is still pending after {rule.hold.max_wait:.0f}s; "
-                                   f"this call is refused (it may be approved later: `jitgate show {request.id}`)")
+                                   f"jitgate: access request {request.id} is still pending after {rule.hold.max_wait:.0f}s, "
+                                   f"so this call is refused; it {waiting_for(request, rule)}. Retry the same call once it "
+                                   f"is approved (it joins this request, never files a new one); `jitgate show {request.id}` "
+                                   "shows its state")
             await asyncio.sleep(poll)
             request = await self.run(store.get_request, request.id)
 
