@@ -131,6 +131,10 @@ def check_modes(specs) -> None:
                                       f"only, not {spec!r}")
 
 
+def _no_payload_lines(flow) -> None:
+    """The dumper's websocket_message, silenced."""
+
+
 class ClusterRouting:
     def __init__(self) -> None:
         self.policy: Policy | None = None
@@ -161,6 +165,17 @@ class ClusterRouting:
         for name in PASSTHROUGH_OPTIONS & updated:
             if getattr(ctx.options, name, None):
                 raise exceptions.OptionsError(f"jitgate relays nothing unchecked: {name} is not supported")
+        if "flow_detail" in updated and getattr(ctx.options, "flow_detail", 0) >= 3:
+            # mitmproxy's dumper runs before any script: at 3 and 4 it prints bodies before masking.
+            raise exceptions.OptionsError("flow_detail 3 and 4 print message bodies before jitgate masks them, so "
+                                          "jitgate refuses them; use flow_detail 2 at most (recordings keep the masked bodies)")
+
+    def running(self) -> None:
+        # The dumper logs one line per WebSocket message: every keystroke and output frame of an
+        # exec session, with its timing, in the gateway's log. The audit and recordings keep sessions.
+        dumper = ctx.master.addons.get("dumper") if hasattr(ctx.master, "addons") else None
+        if dumper is not None:
+            dumper.websocket_message = _no_payload_lines
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # Scripts run before mitmproxy's NextLayer addon, which skips a connection decided here;

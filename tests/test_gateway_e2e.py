@@ -177,9 +177,25 @@ def test_exec_non_interactive_and_stdin(stack: Stack, kc: Path) -> None:
 def test_exec_interactive_shell(stack: Stack, kc: Path) -> None:
     proc = subprocess.Popen([KUBECTL, "exec", "-i", "-n", "dev", "toolbox", "--", "sh"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kubectl_env(kc))
-    out, err = proc.communicate(b"echo one\nhostname\nexit 0\n", timeout=20)
+    out, err = proc.communicate(b"echo one-of-a-kind-line\nhostname\nexit 0\n", timeout=20)
     assert proc.returncode == 0, err
-    assert out.decode().split() == ["one", "toolbox"]
+    assert out.decode().split() == ["one-of-a-kind-line", "toolbox"]
+    # The gateway's log has the session's handshake, never its frames: not one line per keystroke or
+    # output frame (their count and timing), nor their content.
+    log = stack.gateway.log()
+    assert "101 Switching Protocols" in log, "the session itself is logged"
+    assert "WebSocket text message" not in log and "WebSocket binary message" not in log
+    assert "one-of-a-kind-line" not in log
+
+
+def test_flow_detail_that_prints_bodies_is_refused(stack: Stack, tmp_path: Path) -> None:
+    from testkit.gateway import GatewayProcess
+
+    gateway = GatewayProcess(tmp_path / "gw", stack.policy, options={"flow_detail": "3"})
+    proc = subprocess.Popen(gateway.command(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "flow_detail 3 and 4 print message bodies before jitgate masks them" in output, output
 
 
 @pytest.mark.parametrize("mode", ["https_proxy", "proxy_url"])
