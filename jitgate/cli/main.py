@@ -157,7 +157,12 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
     except OSError as e:
         raise SystemExit(f"jitgate: cannot read the gateway CA {ca_path}: {e.strerror} "
                          "(it is created in certs/ when the gateway first starts)") from None
-    if args.oidc_issuer:
+    if args.login_issuer:
+        from jitgate.cli.token import plugin_command
+
+        tokens = kubeconfig.TokenSource(exec_command=plugin_command(
+            args.login_issuer, args.oidc_client_id, args.oidc_ca_file, args.oidc_client_secret_file))
+    elif args.oidc_issuer:
         tokens = kubeconfig.TokenSource(exec_command=kubeconfig.oidc_login_command(
             args.oidc_issuer, args.oidc_client_id, args.oidc_client_secret, tuple(args.oidc_extra_scope)))
     elif args.exec_command:
@@ -602,15 +607,22 @@ def build_parser() -> argparse.ArgumentParser:
     token = kc.add_mutually_exclusive_group(required=True)
     token.add_argument("--token", help="a static OIDC ID token (expires; for tests and demos)")
     token.add_argument("--token-file", help="a file kubectl reads the OIDC ID token from")
+    token.add_argument("--login-issuer", metavar="URL",
+                       help="tokens from `jitgate token` (sign in once with `jitgate login`; refreshed all day): the default choice")
     token.add_argument("--oidc-issuer", metavar="URL", help="use kubelogin (kubectl oidc-login) with this issuer")
     token.add_argument("--exec-command", nargs="+", metavar="ARG", help="any exec credential plugin printing an ExecCredential")
-    kc.add_argument("--oidc-client-id", default="jitgate", help="OIDC client id for kubelogin (default: jitgate)")
+    kc.add_argument("--oidc-client-id", default="jitgate", help="OIDC client id for --login-issuer and kubelogin (default: jitgate)")
+    kc.add_argument("--oidc-ca-file", help="with --login-issuer: CA bundle that verifies the identity provider")
+    kc.add_argument("--oidc-client-secret-file", help="with --login-issuer: a file with the client's secret, if it has one")
     kc.add_argument("--oidc-client-secret", help="OIDC client secret for kubelogin, if the client has one")
     kc.add_argument("--oidc-extra-scope", action="append", default=[], help="extra scope for kubelogin (repeatable)")
     kc.add_argument("-o", "--output", default="-", help="file to write (0600), or - for standard output (default)")
     kc.set_defaults(func=cmd_kubeconfig)
 
     _add_access_commands(sub)
+    from jitgate.cli import token as token_cli
+
+    token_cli.add_commands(sub)
     return parser
 
 
