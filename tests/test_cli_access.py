@@ -277,6 +277,10 @@ def test_request_two_approvals_whoami_revoke(world: World) -> None:
     out = world.run(erin, *command[1:]).stdout
     rid = re.search(r"request (req-[a-z0-9]+) pending", out).group(1)
     assert "needs 2 approval(s), has 0" in out and f"jitgate show {rid}" in out
+    # The requester is not told to approve her own request; a reviewer is.
+    own = world.run(erin, "show", rid).stdout
+    assert "jitgate approve" not in own and f"you cannot review your own request. Withdraw it: jitgate cancel {rid}" in own
+    assert f"Review it:  jitgate approve {rid}" in world.run(bob, "show", rid).stdout
 
     table = world.run(bob, "list", "--reviewable").stdout.splitlines()
     assert table[0].split() == ["ID", "STATE", "REQUESTER", "CLUSTER", "SCOPE", "AGE", "EXPIRES", "APPROVALS"]
@@ -300,6 +304,7 @@ def test_request_two_approvals_whoami_revoke(world: World) -> None:
 
     shown = world.run(erin, "show", rid).stdout
     assert f"Request:    {rid}" in shown and "State:      approved" in shown
+    assert world.run(erin, "show", grant_id).stdout == shown  # a grant id shows its request
     assert re.search(r"approve\s+bob@example.com: ok", shown) and re.search(r"approve\s+carol@example.com", shown)
     assert "request.approved" in shown and f"Grant:      {grant_id}, active" in shown
     detail = json.loads(world.run(bob, "show", rid, "-o", "json").stdout)
@@ -313,8 +318,10 @@ def test_request_two_approvals_whoami_revoke(world: World) -> None:
     assert f"grant {grant_id} of erin@example.com revoked" in world.run(bob, "revoke", grant_id, "--reason", "incident over").stdout
     assert "Active grants:\n  (none)" in world.run(erin, "whoami").stdout
     assert world.run(erin, "grants").stderr == "No active grants.\n"
-    history = world.run(erin, "grants", "--history").stdout
-    assert grant_id in history and "revoked" in history
+    history = world.run(erin, "grants", "--history").stdout.splitlines()
+    assert history[0].split() == ["ID", "USER", "CLUSTER", "SCOPE", "STATE", "ENDED", "BY", "REQUEST"]
+    row = next(line for line in history if line.startswith(grant_id))
+    assert "revoked" in row and "bob@example.com: incident over" in row and rid in row
     listed = json.loads(world.run(erin, "list", "--state", "approved", "-o", "json").stdout)["items"]
     assert [(r["id"], r["grant"]["state"]) for r in listed] == [(rid, "revoked")]
     # Every call carried the token.

@@ -258,11 +258,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    request = _client(args).get_request(args.id)
+    client = _client(args)
+    # A grant id shows the request it came from (with the grant's state in it).
+    request_id = client.get_grant(args.id)["request_id"] if args.id.startswith("grant-") else args.id
+    request = client.get_request(request_id)
     if args.output:
         _dump(args.output, request)
     else:
-        sys.stdout.write(_request_text(request, time.time()))
+        viewer = client.whoami()["username"] if request["state"] == "pending" else None
+        sys.stdout.write(_request_text(request, time.time(), viewer))
     return 0
 
 
@@ -305,11 +309,25 @@ def cmd_grants(args: argparse.Namespace) -> int:
         print("No active grants." if not args.history else "No grants.", file=sys.stderr)
     else:
         now = time.time()
-        rows = [("ID", "USER", "CLUSTER", "SCOPE", "STATE", "ENDS", "REQUEST")]
-        for g in items:
-            state = g["state"] if g["state"] != "active" or g["active"] else "expired"
-            rows.append((g["id"], g["username"], g["scope"]["cluster"], _scope_short(g["scope"]), state,
-                         _until(g["ends_at"], now) if state == "active" else "-", g["request_id"]))
+        if args.history:
+            # Who ended each grant and when: a revocation names its reviewer, an expiry its time.
+            rows = [("ID", "USER", "CLUSTER", "SCOPE", "STATE", "ENDED", "BY", "REQUEST")]
+            for g in items:
+                state = g["state"] if g["state"] != "active" or g["active"] else "expired"
+                if state == "revoked":
+                    ended, by = _at(g["revoked_at"], now), f"{g['revoked_by']}: {g['revoke_reason'] or '-'}"
+                elif state == "expired":
+                    ended, by = _at(g["ends_at"], now), "expiry"
+                else:
+                    ended, by = f"ends {_until(g['ends_at'], now)}", "-"
+                rows.append((g["id"], g["username"], g["scope"]["cluster"], _scope_short(g["scope"]), state, ended, by,
+                             g["request_id"]))
+        else:
+            rows = [("ID", "USER", "CLUSTER", "SCOPE", "STATE", "ENDS", "REQUEST")]
+            for g in items:
+                state = g["state"] if g["state"] != "active" or g["active"] else "expired"
+                rows.append((g["id"], g["username"], g["scope"]["cluster"], _scope_short(g["scope"]), state,
+                             _until(g["ends_at"], now) if state == "active" else "-", g["request_id"]))
         _table(rows)
     return 0
 
@@ -440,7 +458,7 @@ def _rule_summary(rule: dict) -> str:
             f"{', '.join(rule['resources'])}; up to {rule['duration']['max']} (default {rule['duration']['default']}); {how}{reason}")
 
 
-def _request_text(r: dict, now: float) -> str:
+def _request_text(r: dict, now: float, viewer: str | None = None) -> str:
     lines = [
         f"Request:    {r['id']}",
         f"State:      {r['state']}" + (f" ({_waiting_for(r)})" if r["state"] == "pending" else ""),
@@ -480,7 +498,10 @@ def _request_text(r: dict, now: float) -> str:
         lines.append("Events:")
         for e in r["events"]:
             lines.append(f"  {e['at']}  {e['kind']:<24}  {e['actor']}" + (f": {e['reason']}" if e["reason"] else ""))
-    if r["state"] == "pending":
+    if r["state"] == "pending" and viewer == r["requester"]:
+        lines.append(f"Next:       a reviewer decides ({_waiting_for(r)}); you cannot review your own request. "
+                     f"Withdraw it: jitgate cancel {r['id']}")
+    elif r["state"] == "pending":
         lines.append(f"Review it:  jitgate approve {r['id']}  |  jitgate deny {r['id']} --reason \"...\"")
     return "\n".join(lines) + "\n"
 
@@ -533,8 +554,8 @@ def _add_access_commands(sub) -> None:
     _output_flag(ls, "a table")
     ls.set_defaults(func=cmd_list)
 
-    show = sub.add_parser("show", parents=[conn], help="one request with its reviews, grant and history")
-    show.add_argument("id", help="request id (req-...)")
+    show = sub.add_parser("show", parents=[conn], help="one request (or the request of a grant id) with its reviews, grant and history")
+    show.add_argument("id", help="request id (req-...) or grant id (grant-...)")
     _output_flag(show)
     show.set_defaults(func=cmd_show)
 
@@ -623,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     from jitgate.cli import token as token_cli
 
     token_cli.add_commands(sub)
+    __import__("jitgate.cli.sessions", fromlist=["add_parser"]).add_parser(sub)  # jitgate sessions: local recordings
+    __import__("jitgate.cli.audit", fromlist=["add_audit_commands"]).add_audit_commands(sub)  # jitgate audit: log, verify
     return parser
 
 
