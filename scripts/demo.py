@@ -158,7 +158,7 @@ def main() -> int:
     gateway_log_path = demo / "gateway.log"
 
     procs: list[subprocess.Popen] = []
-    idp = OIDCProviderProcess(demo / "idp")
+    idp = OIDCProviderProcess(demo / "idp", token_max_age=12 * 3600)  # the demo's tokens last a working day
 
     def shutdown(*_: object) -> None:
         for proc in reversed(procs):
@@ -223,7 +223,7 @@ def main() -> int:
               f"-> {last['responseStatus']['code']} ({last['annotations'].get('jitgate.dev/decision')}, "
               f"grant {last['annotations'].get('jitgate.dev/grant')})")
         if refused.returncode != 0 and granted.returncode == 0 and result.returncode == 0:
-            print(instructions(args.user, demo, audit_log))
+            print(instructions(demo, args.user, waiting=not args.no_wait))
         else:
             print(f"quickstart: the demo did not go as expected; see {shown(gateway_log_path)}", file=sys.stderr)
             return 1
@@ -240,37 +240,34 @@ def main() -> int:
         shutdown()
 
 
-def instructions(user: str, demo: Path, audit_log: Path) -> str:
-    def typed(path: Path) -> str:  # for `export`: an absolute path, written short from the clone
-        text = shown(path)
-        return text if Path(text).is_absolute() else f"$PWD/{text}"
+def walkthrough(demo: Path, user: str = "alice") -> str:
+    """What to paste into another terminal. The README shows the same block (its first line with the
+    clone's default paths); tests/test_quickstart.py pastes this one as printed and checks they agree."""
+    return f"""\
+cd {shlex.quote(str(REPO))} && export JITGATE_DEMO={shlex.quote(str(demo))}
+export PATH=$PWD/.venv/bin:$PATH KUBECONFIG=$JITGATE_DEMO/kubeconfig-{user}    # or kubeconfig-proxy (regular mode)
+kubectl get pods -n dev                                                       # granted by the quick start
+req=$(jitgate request --cluster demo --namespace prod --resource pods --resource pods/exec \\
+    --verb get --verb create --duration 30m --reason "look at the api pod" -o id)
+KUBECONFIG=$JITGATE_DEMO/kubeconfig-bob   jitgate approve $req                # two different SREs, never the requester
+KUBECONFIG=$JITGATE_DEMO/kubeconfig-carol jitgate approve $req
+kubectl exec -n prod api -- cat /etc/hostname
+KUBECONFIG=$JITGATE_DEMO/kubeconfig-bob jitgate revoke $req --reason "done"   # a reviewer ends it; live sessions end too
+jitgate whoami
+tail -n 1 $JITGATE_DEMO/../audit.log | python3 -m json.tool
+"""
 
-    bob, carol = shown(demo / "kubeconfig-bob"), shown(demo / "kubeconfig-carol")
-    width = max(len(bob), len(carol))
 
-    def as_(config: str, command: str) -> str:
-        return f"KUBECONFIG={config:<{width}} {command}"
-
-    def noted(command: str, note: str) -> str:
-        return f"{command:<55} # {note}"
-
+def instructions(demo: Path, user: str, waiting: bool) -> str:
+    if waiting:
+        head = "jitgate is running in front of the demo cluster (Ctrl-C stops everything). In another terminal:"
+    else:
+        head = "The demo stopped (--no-wait). Run scripts/quickstart without it to keep it running, then in another terminal:"
+    block = "\n".join(f"    {line}" for line in walkthrough(demo, user).splitlines())
     return f"""
-jitgate is running in front of the demo cluster (Ctrl-C stops everything). In another terminal:
+{head}
 
-    {noted(f"export PATH={typed(BIN)}:$PATH", "kubectl and jitgate from the venv")}
-    {noted(f"export KUBECONFIG={typed(demo / f'kubeconfig-{user}')}", "or kubeconfig-proxy (regular mode)")}
-    {noted("kubectl get pods -n dev -w", "granted above")}
-
-    # exec in prod needs two SREs (never the requester):
-    jitgate request --cluster demo --namespace prod --resource pods --resource pods/exec \\
-        --verb get --verb create --duration 30m --reason "look at the api pod"
-    {as_(bob, "jitgate list --reviewable")}
-    {as_(bob, "jitgate approve <request id>")}
-    {as_(carol, "jitgate approve <request id>")}
-    kubectl exec -n prod api -- cat /etc/hostname
-    {as_(bob, 'jitgate revoke <grant id> --reason "done"')}   # ends live sessions
-    jitgate whoami
-    tail -f {shown(audit_log)}
+{block}
 
 The gateway alone holds the cluster token ({shown(demo / "cluster-token")}) and tells the cluster who you
 are with impersonation headers. Grants live in {shown(demo / "jitgate.db")}.

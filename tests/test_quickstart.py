@@ -49,9 +49,8 @@ def test_quickstart_runs_kubectl_through_the_gateway(tmp_path: Path) -> None:
     last = json.loads((state / "audit.log").read_text().splitlines()[-1])
     assert last["user"]["username"] == "alice@example.com"
     # What to paste next names this run's files, wherever they are.
-    assert f"export KUBECONFIG={state}/demo/kubeconfig-alice " in result.stdout
-    assert f"KUBECONFIG={state}/demo/kubeconfig-carol jitgate approve <request id>" in result.stdout
-    assert f"tail -f {state}/audit.log" in result.stdout
+    assert f"cd {REPO} && export JITGATE_DEMO={state}/demo\n" in result.stdout
+    assert "The demo stopped (--no-wait)" in result.stdout and "jitgate is running" not in result.stdout
     # Free ports, not the demo's; everything it made (the gateway's CA too) is in its folder.
     assert not set(ports_of(result.stdout)) & set(DEMO_PORTS)
     assert (state / "certs/mitmproxy-ca-cert.pem").is_file()
@@ -81,13 +80,15 @@ def test_a_second_quick_start_never_clobbers_a_running_one(tmp_path: Path) -> No
     seen = ""
     try:
         deadline = time.monotonic() + 120
-        while "jitgate is running" not in seen:
+        while "Grants live in" not in seen:  # the end of what it prints
             assert first.poll() is None and time.monotonic() < deadline, seen
             try:
                 seen += lines.get(timeout=0.5)
             except queue.Empty:
                 pass
         first_ports = ports_of(seen)
+        assert "jitgate is running in front of the demo cluster" in seen
+        paste_the_walkthrough(seen, first_state, tmp_path)
         kubeconfig = first_state / "demo/kubeconfig-alice"
         before = {p.name: p.read_bytes() for p in (first_state / "demo").glob("kubeconfig-*")}
 
@@ -117,3 +118,27 @@ def test_a_second_quick_start_never_clobbers_a_running_one(tmp_path: Path) -> No
     while any(listening(p) for p in first_ports) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(listening(p) for p in first_ports)
+
+
+def paste_the_walkthrough(printed: str, state: Path, tmp_path: Path) -> None:
+    """The block the running quick start printed equals the README's (but for the paths of its first
+    line), and pasted into a shell as it is, every command in it succeeds."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if "In another terminal:" in line) + 2
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("    "))
+    block = [line[4:] for line in lines[start:end]]
+    readme = (REPO / "README.md").read_text()
+    shown = readme.split("<!-- walkthrough:begin -->\n```sh\n", 1)[1].split("```\n<!-- walkthrough:end -->", 1)[0].splitlines()
+    assert shown[0] == "cd jitgate && export JITGATE_DEMO=$PWD/state/demo"
+    assert block[0] == f"cd {REPO} && export JITGATE_DEMO={state / 'demo'}"
+    assert block[1:] == shown[1:], "the README's walkthrough is what the quick start prints"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE") and k not in ("JITGATE_TOKEN",)}
+    env["HOME"] = str(tmp_path)  # no kubeconfig or cache of the machine's user
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(block)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "toolbox" in out and "approved" in out and "revoked" in out and "Username: alice@example.com" in out
+    assert out.count("api\n") >= 1, out  # the exec's hostname
+    last = json.loads(out[out.rindex("\n{") + 1:])
+    assert last["kind"] == "Event" and last["user"]["username"] == "alice@example.com"

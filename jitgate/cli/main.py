@@ -277,7 +277,15 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    grant = _client(args).revoke(args.id, args.reason)
+    client = _client(args)
+    grant_id = args.id
+    if grant_id.startswith("req-"):  # the grant this request earned
+        request = client.get_request(grant_id)
+        if not request.get("grant"):
+            print(f"request {grant_id} has no grant (it is {request['state']})", file=sys.stderr)
+            return 1
+        grant_id = request["grant"]["id"]
+    grant = client.revoke(grant_id, args.reason)
     _emit(args, grant, lambda g: f"grant {g['id']} of {g['username']} revoked: {_describe(g['scope'])}")
     return 0
 
@@ -343,7 +351,9 @@ def _emit(args: argparse.Namespace, obj: dict, line) -> None:
 
 
 def _dump(fmt: str, obj: Any) -> None:
-    if fmt == "json":
+    if fmt == "id":  # for scripts: req=$(jitgate request ... -o id)
+        print(obj["id"] if isinstance(obj, dict) and "id" in obj else "\n".join(i["id"] for i in obj.get("items", ())))
+    elif fmt == "json":
         print(json.dumps(obj, indent=2))
     else:
         out = io.StringIO()
@@ -521,7 +531,8 @@ def _connection_flags() -> argparse.ArgumentParser:
 
 
 def _output_flag(parser: argparse.ArgumentParser, what: str = "human-readable text") -> None:
-    parser.add_argument("-o", "--output", choices=("json", "yaml"), help=f"print the object as JSON or YAML (default: {what})")
+    parser.add_argument("-o", "--output", choices=("json", "yaml", "id"),
+                        help=f"print the object as JSON or YAML, or only its id (default: {what})")
 
 
 def _add_access_commands(sub) -> None:
@@ -571,7 +582,7 @@ def _add_access_commands(sub) -> None:
         p.set_defaults(func=cmd_decide, action=action)
 
     revoke = sub.add_parser("revoke", parents=[conn], help="end an active grant now (yours, or under a rule you review)")
-    revoke.add_argument("id", help="grant id (grant-...)")
+    revoke.add_argument("id", help="grant id (grant-...), or the id of the request that earned it (req-...)")
     revoke.add_argument("--reason", required=True, help="why (recorded and sent to the holder's notifications)")
     _output_flag(revoke)
     revoke.set_defaults(func=cmd_revoke)
