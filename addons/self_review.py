@@ -22,7 +22,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from jitgate.access.messages import how_to_request
 from jitgate.access.scope import SENSITIVE_RESOURCES, SENSITIVE_SUBRESOURCES
@@ -91,6 +91,11 @@ class SelfReview:
         flow.response = http.Response.make(201, body, JSON_HEADERS)
 
     async def rules(self, flow: http.HTTPFlow, call: Call, namespace: str) -> None:
+        if not _grants_required():
+            # jitgate asks for no grant: what the caller may do is what the cluster's RBAC says.
+            call.annotations["jitgate.dev/self-review"] = "require_grant is off; asked the cluster"
+            call.allow("self-review: require_grant is off, the cluster's RBAC decides")
+            return
         now = time.time()
         grants = [g for g in await self.service.active_grants(call.identity.username, call.cluster.name)
                   if g.scope.cluster == call.cluster.name and g.is_active(now)]
@@ -104,7 +109,9 @@ class SelfReview:
     async def access(self, flow: http.HTTPFlow, call: Call, api_version: str, question: reviews.AccessQuestion) -> None:
         info = question.request_info()
         decision = await self.service.decide(call.identity.username, call.cluster.name, info)
-        if not decision.allowed:
+        if not decision.allowed and not _grants_required():
+            decision = None  # a staged rollout: jitgate allows what the cluster's RBAC allows
+        elif not decision.allowed:
             try:
                 reason = how_to_request(self.service.rules, call.identity.groups, call.cluster.name, info)
             except ValueError:  # e.g. `can-i '*' '*'`: no access request can name that scope
@@ -113,8 +120,10 @@ class SelfReview:
             self.answer(flow, call, "self-review: no grant covers the reviewed call",
                         reviews.access_review(api_version, question, False, reason))
             return
-        grant = decision.grant
-        if grant is None:
+        grant = decision.grant if decision is not None else None
+        if decision is None:
+            granted_by = "require_grant is off (jitgate asks for no grant)"
+        elif grant is None:
             granted_by = "discovery is open to every authenticated caller"
         else:
             left = format_duration(max(0, int(grant.ends_at - time.time())))
@@ -150,6 +159,11 @@ class SelfReview:
         call.annotations["jitgate.dev/self-review"] = f"{forwarded.granted_by}; cluster {'allows' if allowed else 'denies'}"
         flow.response.headers["Content-Type"] = "application/json"
         flow.response.content = reviews.access_review(forwarded.api_version, forwarded.question, allowed, reason, denied)
+
+
+def _grants_required() -> bool:
+    """The grants step's `require_grant` (True when that step is not loaded: nothing is allowed without a grant)."""
+    return getattr(ctx.options, "require_grant", True)
 
 
 _service = AccessService()

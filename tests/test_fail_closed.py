@@ -396,13 +396,19 @@ def test_require_grant_off_end_to_end(stack: Stack, tmp_path: Path) -> None:
                              options={"grant_store": str(stack.grant_store), "require_grant": "false"},
                              env=aws_env(dict(os.environ), tmp_path)).start()
     try:
-        served = run_kubectl(bob_kubeconfig(gateway, tmp_path / "kc-off"), "get", "configmaps", "-n", "dev")
+        config = bob_kubeconfig(gateway, tmp_path / "kc-off")
+        served = run_kubectl(config, "get", "configmaps", "-n", "dev")
+        # kubectl's own question gets the same answer: no grant needed, the cluster's RBAC decides.
+        can = run_kubectl(config, "auth", "can-i", "list", "configmaps", "-n", "dev", "-v", "6")
         events = gateway.audit_events()
         log = gateway.log()
     finally:
         gateway.stop()
     assert served.returncode == 0, served.stderr
     assert "app-config" in served.stdout
+    assert can.returncode == 0 and can.stdout.strip() == "yes", can.stdout + can.stderr
+    reviews = [e for e in events if e.get("objectRef", {}).get("resource") == "selfsubjectaccessreviews"]
+    assert reviews and "require_grant is off" in reviews[-1]["annotations"]["jitgate.dev/self-review"]
     listed = [e for e in events if e.get("objectRef", {}).get("resource") == "configmaps" and e["verb"] == "list"]
     assert listed and all(e["user"]["username"] == "bob@example.com" for e in listed)
     assert all(e["annotations"]["jitgate.dev/decision"] == "allow" for e in listed)
