@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from jitgate.masking.detectors import DEFAULT_DETECTORS, DetectorSet
+from jitgate.masking.hits import HitScanner
 
 STRING_MARKER = "jitgate:masked"
 DATA_MARKER = base64.b64encode(STRING_MARKER.encode()).decode()  # "aml0Z2F0ZTptYXNrZWQ="
@@ -54,6 +55,7 @@ class Masker:
         # Detector results of this pass by string: lists repeat the same values in every item, and
         # the detectors read a string alone (no context), so one answer serves every occurrence.
         self.memo: dict[str, tuple[str, int]] = {}
+        self.hits = HitScanner(detectors)
 
     # -- bodies -------------------------------------------------------------------------------
 
@@ -69,6 +71,12 @@ class Masker:
         resource, so the objects are Secrets even without a `kind`. Raises MaskingError."""
         if not body or body.isspace() or (not secrets and not self.needs_look(body)):
             return Result(body, 0)
+        if not secrets:
+            # Most bodies with a secret word need no structure (a pod's `"path":"token"`): masked in
+            # place from where the words are, without a parse (jitgate/masking/hits.py).
+            scanned = self.hits.scan(body)
+            if scanned is not None:
+                return Result(*scanned)
         try:
             obj = _decode(body.decode("utf-8"))  # kube-apiserver writes UTF-8 JSON; anything else fails closed
         except (ValueError, UnicodeDecodeError) as e:
@@ -196,6 +204,7 @@ class Masker:
         is_secret = self.detectors.is_secret_name
         for key, value in values.items():
             if not isinstance(value, str):
+                values[key] = self._walk_value(value)
                 continue
             if is_secret(key):
                 if value and value != marker:
@@ -205,6 +214,8 @@ class Masker:
                 values[key] = self._text(value)
 
     def _env(self, env: list) -> None:
+        """Values of env vars whose name says secret become markers; the walk of the list that
+        follows puts every other string through the detectors (once: a marker is never re-masked)."""
         is_secret = self.detectors.is_secret_name
         for var in env:
             if isinstance(var, dict) and isinstance(var.get("name"), str):
@@ -212,15 +223,11 @@ class Masker:
                 if isinstance(value, str) and value and is_secret(var["name"]) and value != STRING_MARKER:
                     var["value"] = STRING_MARKER
                     self.count += 1
-                for key, v in var.items():
-                    if isinstance(v, dict):
-                        self._walk(v)
-                    elif isinstance(v, str) and key == "value":
-                        var[key] = self._text(v)
 
     def _annotations(self, annotations: dict) -> None:
         for key, value in annotations.items():
-            if not isinstance(value, str):
+            if not isinstance(value, str):  # not Kubernetes' own annotations (a custom resource's): walked
+                annotations[key] = self._walk_value(value)
                 continue
             if key == LAST_APPLIED:
                 annotations[key] = self._last_applied(value)

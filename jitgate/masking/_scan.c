@@ -1,0 +1,219 @@
+/* The strings of a JSON body that hold a secret word, found in one pass over its bytes.
+ *
+ * string_hits(body, lowered, exact, max_strings) -> list | None
+ *
+ * For every JSON string token of `body` that holds one of the literals (`lowered`: lower-case
+ * ASCII literals matched in any ASCII case; `exact`: literals matched as written), in order and
+ * once each, a tuple (start, end, is_key, key_start, key_end): the offsets of its opening and
+ * closing quotes; is_key 1 when the next byte after white space is ':' (an object key); for a
+ * value, the quotes of its key, or -1, -1 for an array element or a top-level string; for a key,
+ * the quotes of the key of the object it is a member of (`"annotations"` for an annotation's
+ * name), or -1, -1 when that object is an array element or the top level.
+ *
+ * None when the scan cannot read the body exactly: a \u escape (it could spell a literal in other
+ * bytes), a quote that does not close, a value after ':' whose key is not a string, or more than
+ * `max_strings` strings with hits. The caller then parses the body instead. Every literal has a
+ * character JSON allows only inside strings (the caller checks), so a hit always lies inside one
+ * string, whose quotes are the nearest unescaped ones on each side.
+ *
+ * Same results as jitgate.masking.hits.py_string_hits (tests/test_masking_hits.py checks both on
+ * generated bodies); this one is what makes masking a pod list cost a fraction of parsing it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define MAX_LITERALS 64
+
+typedef struct {
+    const unsigned char *bytes;
+    Py_ssize_t len;
+} literal;
+
+static int is_ws(unsigned char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
+
+static unsigned char lower(unsigned char c) { return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c; }
+
+/* Whether the quote at `pos` is escaped: an odd number of backslashes right before it. */
+static int escaped(const unsigned char *s, Py_ssize_t pos) {
+    Py_ssize_t n = 0;
+    while (pos > 0 && s[pos - 1] == '\\') { n++; pos--; }
+    return n & 1;
+}
+
+static Py_ssize_t quote_before(const unsigned char *s, Py_ssize_t pos) {
+    while (--pos >= 0) {
+        if (s[pos] == '"' && !escaped(s, pos)) return pos;
+    }
+    return -1;
+}
+
+static Py_ssize_t quote_after(const unsigned char *s, Py_ssize_t n, Py_ssize_t pos) {
+    for (; pos < n; pos++) {
+        if (s[pos] == '"' && !escaped(s, pos)) return pos;
+    }
+    return -1;
+}
+
+/* The key before `pos` (just after it: the colon, then white space): its quotes, or -1 when there
+ * is no colon (an array element, the top). Returns 0, or -1 when what precedes the colon is no string. */
+static int key_before(const unsigned char *s, Py_ssize_t pos, Py_ssize_t *key_start, Py_ssize_t *key_end) {
+    *key_start = *key_end = -1;
+    Py_ssize_t p = pos - 1;
+    while (p >= 0 && is_ws(s[p])) p--;
+    if (p < 0 || s[p] != ':') return 0;
+    p--;
+    while (p >= 0 && is_ws(s[p])) p--;
+    if (p < 0 || s[p] != '"') return -1;
+    *key_end = p;
+    *key_start = quote_before(s, p);
+    return *key_start < 0 ? -1 : 0;
+}
+
+/* The opening brace of the object whose member starts at `pos` (outside any string): back over
+ * the members before it, whole strings and nested containers skipped; -1 at an array or the top. */
+static Py_ssize_t object_start(const unsigned char *s, Py_ssize_t pos) {
+    Py_ssize_t depth = 0;
+    for (Py_ssize_t p = pos - 1; p >= 0; p--) {
+        unsigned char c = s[p];
+        if (c == '"') {
+            p = quote_before(s, p);  /* a whole string, read backwards */
+            if (p < 0) return -1;
+        } else if (c == '}' || c == ']') {
+            depth++;
+        } else if (c == '{' || c == '[') {
+            if (depth == 0) return c == '{' ? p : -1;
+            depth--;
+        }
+    }
+    return -1;
+}
+
+static int load_literals(PyObject *seq, literal *out, int *count, const char *what) {
+    if (!PyTuple_Check(seq)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple of bytes", what);
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    if (n > MAX_LITERALS) {
+        PyErr_Format(PyExc_ValueError, "at most %d %s literals", MAX_LITERALS, what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(seq, i);
+        if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) == 0) {
+            PyErr_Format(PyExc_TypeError, "%s literals must be non-empty bytes", what);
+            return -1;
+        }
+        out[i].bytes = (const unsigned char *)PyBytes_AS_STRING(item);
+        out[i].len = PyBytes_GET_SIZE(item);
+    }
+    *count = (int)n;
+    return 0;
+}
+
+static PyObject *string_hits(PyObject *self, PyObject *args) {
+    Py_buffer body;
+    PyObject *lowered_seq, *exact_seq;
+    Py_ssize_t max_strings;
+    literal lowered[MAX_LITERALS], exact[MAX_LITERALS];
+    int n_lowered = 0, n_exact = 0;
+    /* Which literals can start with a pair of bytes: one lookup per byte of the body rejects nearly
+     * every position (JSON is full of the letters the literals start with, rarely of their pairs). */
+    static unsigned char pair_lowered[65536 / 8], pair_exact[65536 / 8];
+    unsigned char single_lowered[256] = {0}, single_exact[256] = {0};
+
+    if (!PyArg_ParseTuple(args, "y*O!O!n", &body, &PyTuple_Type, &lowered_seq, &PyTuple_Type, &exact_seq, &max_strings))
+        return NULL;
+    if (load_literals(lowered_seq, lowered, &n_lowered, "lowered") < 0 || load_literals(exact_seq, exact, &n_exact, "exact") < 0) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
+    memset(pair_lowered, 0, sizeof pair_lowered);
+    memset(pair_exact, 0, sizeof pair_exact);
+    for (int i = 0; i < n_lowered; i++) {
+        if (lowered[i].len == 1) single_lowered[lowered[i].bytes[0]] = 1;
+        else { unsigned v = (unsigned)lowered[i].bytes[0] << 8 | lowered[i].bytes[1]; pair_lowered[v >> 3] |= (unsigned char)(1 << (v & 7)); }
+    }
+    for (int i = 0; i < n_exact; i++) {
+        if (exact[i].len == 1) single_exact[exact[i].bytes[0]] = 1;
+        else { unsigned v = (unsigned)exact[i].bytes[0] << 8 | exact[i].bytes[1]; pair_exact[v >> 3] |= (unsigned char)(1 << (v & 7)); }
+    }
+
+    const unsigned char *s = (const unsigned char *)body.buf;
+    Py_ssize_t n = body.len;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
+    Py_ssize_t found = 0;
+    for (const unsigned char *b = memchr(s, '\\', (size_t)n); b != NULL && b + 1 < s + n;
+         b = memchr(b + 2, '\\', (size_t)(s + n - b - 2))) {
+        if (b[1] == 'u') goto unreadable;  /* an escape pair: the next backslash starts after it */
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i], lc = lower(c);
+        int hit = 0;
+        unsigned char next = i + 1 < n ? s[i + 1] : 0;
+        unsigned vl = (unsigned)lc << 8 | lower(next), ve = (unsigned)c << 8 | next;
+        int may_lowered = single_lowered[lc] || (pair_lowered[vl >> 3] >> (vl & 7) & 1);
+        int may_exact = single_exact[c] || (pair_exact[ve >> 3] >> (ve & 7) & 1);
+        if (!may_lowered && !may_exact) continue;
+        if (may_lowered) {
+            for (int k = 0; k < n_lowered && !hit; k++) {
+                const literal *lit = &lowered[k];
+                if (lit->bytes[0] != lc || i + lit->len > n) continue;
+                Py_ssize_t j = 1;
+                while (j < lit->len && lower(s[i + j]) == lit->bytes[j]) j++;
+                hit = j == lit->len;
+            }
+        }
+        if (!hit && may_exact) {
+            for (int k = 0; k < n_exact && !hit; k++) {
+                const literal *lit = &exact[k];
+                hit = lit->bytes[0] == c && i + lit->len <= n && memcmp(s + i, lit->bytes, (size_t)lit->len) == 0;
+            }
+        }
+        if (!hit) continue;
+        Py_ssize_t start = quote_before(s, i), end = quote_after(s, n, i);
+        if (start < 0 || end < 0) goto unreadable;
+        Py_ssize_t after = end + 1;
+        while (after < n && is_ws(s[after])) after++;
+        int is_key = after < n && s[after] == ':';
+        Py_ssize_t key_start = -1, key_end = -1;
+        if (!is_key) {
+            if (key_before(s, start, &key_start, &key_end) < 0) goto unreadable;
+        } else {
+            Py_ssize_t brace = object_start(s, start);
+            if (brace >= 0 && key_before(s, brace, &key_start, &key_end) < 0) goto unreadable;
+        }
+        if (++found > max_strings) goto unreadable;
+        PyObject *item = Py_BuildValue("(nninn)", start, end, is_key, key_start, key_end);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            PyBuffer_Release(&body);
+            return NULL;
+        }
+        Py_DECREF(item);
+        i = end;  /* the rest of this string: it is reported already */
+    }
+    PyBuffer_Release(&body);
+    return out;
+
+unreadable:
+    Py_DECREF(out);
+    PyBuffer_Release(&body);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"string_hits", string_hits, METH_VARARGS,
+     "string_hits(body, lowered, exact, max_strings) -> list of (start, end, is_key, key_start, key_end), or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_scan", "The strings of a JSON body that hold a secret word.", -1, methods};
+
+PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }

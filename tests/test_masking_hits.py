@@ -1,0 +1,145 @@
+"""Masking from where the secret words are (jitgate/masking/hits.py, _scan.c) gives what the object
+walk gives, on every body: generated Kubernetes objects with secrets, secret-named env vars,
+annotations and ConfigMap keys, last-applied configurations and detector-shaped values placed at
+random, serialised compactly, with spaces and indented, with escapes and non-ASCII text."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+
+import pytest
+
+from jitgate.masking import hits as hits_module
+from jitgate.masking.hits import HitScanner, py_string_hits
+from jitgate.masking.objects import Masker
+
+try:
+    from jitgate.masking._scan import string_hits as c_string_hits
+except ImportError:  # pragma: no cover - the extension is built by `pip install -e .`
+    c_string_hits = None
+
+WORDS = ["web", "api", "token", "path", "secret", "Secret", "key", "password", "DB_PASSWORD", "LOG_LEVEL", "name",
+         "value", "kind", "data", "annotations", "serviceAccountToken", "secretKeyRef", "apiKey", "monkey", "pass",
+         "creds", "bearer", "x", "é", "ſecret", "日本", 'quote"inside', "back\\slash", "new\nline", "/var/run/secrets/x"]
+VALUES = ["info", "nginx:1.27", "AKIAIOSFODNN7EXAMPLE", "postgres://app:hunter2@db:5432/app", "Bearer abcdef0123456789xyz",
+          "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "password=s3cr3t-prod", "token: t0k3n-value", "plain",
+          "containerd://" + "0" * 40, "", "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----",
+          "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "canary-7f3e"]
+
+
+def _value(rng: random.Random, depth: int = 0):
+    roll = rng.random()
+    if depth > 3 or roll < 0.45:
+        return rng.choice(VALUES + WORDS) if rng.random() < 0.8 else rng.choice([1, 2.5, True, None, False])
+    if roll < 0.7:
+        return [_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(WORDS): _value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _object(rng: random.Random):
+    shape = rng.randrange(9)
+    meta = {"name": rng.choice(["a", "db", "api-token"]), "namespace": "dev"}
+    if rng.random() < 0.5:
+        meta["annotations"] = {rng.choice(WORDS + ["example.com/api-token", "note"]): rng.choice(VALUES) for _ in range(rng.randint(0, 3))}
+    if rng.random() < 0.2:
+        applied = {"kind": rng.choice(["Secret", "ConfigMap", "Pod"]), "data": {"k": rng.choice(VALUES)}}
+        meta.setdefault("annotations", {})["kubectl.kubernetes.io/last-applied-configuration"] = json.dumps(applied) + "\n"
+    env = [{"name": rng.choice(["LOG_LEVEL", "DB_PASSWORD", "API_TOKEN", "HOME"]),
+            **({"value": rng.choice(VALUES)} if rng.random() < 0.6 else
+               {"valueFrom": {"secretKeyRef": {"name": "db", "key": rng.choice(["password", "user"])}}})}
+           for _ in range(rng.randint(0, 3))]
+    pod = {"kind": "Pod", "metadata": meta, "spec": {
+        "containers": [{"name": "web", "image": "nginx", "env": env, "args": [rng.choice(VALUES)]}],
+        "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}],
+        "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}]}, "extra": _value(rng)}
+    if shape == 0:
+        return {"kind": "Secret", "metadata": meta, "data": {"password": base64.b64encode(b"canary").decode()}}
+    if shape == 1:
+        return {"kind": "ConfigMap", "metadata": meta, "data": {rng.choice(["DB_PASSWORD", "app.properties", "token"]): rng.choice(VALUES)}}
+    if shape == 2:
+        return {"kind": "PodList", "items": [pod, pod]}
+    if shape == 3:
+        return {"type": "ADDED", "object": pod}
+    if shape == 4:
+        return {"kind": "Table", "rows": [{"cells": [rng.choice(VALUES), "x"], "object": pod}]}
+    if shape == 5:
+        return {"kind": "List", "items": [pod, {"kind": "Secret", "metadata": meta, "data": {"k": "Y2FuYXJ5"}}]}
+    if shape == 6:
+        return _value(rng)
+    return pod
+
+
+def _dump(rng: random.Random, obj) -> bytes:
+    style = rng.randrange(4)
+    if style == 0:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    elif style == 1:
+        text = json.dumps(obj, ensure_ascii=False)
+    elif style == 2:
+        text = json.dumps(obj, indent=rng.choice([1, 2, "\t"]), ensure_ascii=False)
+    else:
+        text = json.dumps(obj, separators=(" , ", " : "), ensure_ascii=rng.random() < 0.3)
+    return text.encode()
+
+
+def _bodies(n: int, seed: int = 11):
+    rng = random.Random(seed)
+    return [_dump(rng, _object(rng)) for _ in range(n)]
+
+
+@pytest.mark.skipif(c_string_hits is None, reason="the C scanner is not built")
+def test_the_c_scanner_and_its_python_twin_agree() -> None:
+    scanner = HitScanner(Masker().detectors)
+    bodies = _bodies(3000) + [b'"a\\\\"', b'{"k":"x\\"token\\"y"}', b'{"a" :  "token"}', b'["token"]', b'"token', b'{"x\\u0074oken":1}',
+                              b'{"q\\\\":"key"}', b'{"a":{"b":[{"token":1}]}}', b'{"annotations":{"api-token":"v"}}']
+    for body in bodies:
+        assert c_string_hits(body, scanner.lowered, scanner.exact, 4096) == py_string_hits(body, scanner.lowered, scanner.exact, 4096), body
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_masking_from_the_hits_gives_what_the_walk_gives(native: bool) -> None:
+    fast, walk = Masker(), Masker()
+    fast.hits = HitScanner(fast.detectors, native=native)
+    walk.hits.usable = False
+    taken = changed = 0
+    for body in _bodies(2500, seed=5 if native else 6):
+        expected = walk.mask_json(body)
+        got = fast.mask_json(body)
+        assert json.loads(got.body) == json.loads(expected.body), body
+        assert got.masked == expected.masked, body
+        if fast.hits.scan(body) is not None:
+            taken += 1
+            changed += got.masked > 0
+    # The generated bodies do exercise the path: many are decided from the hits, some of them masked.
+    assert taken > 400 and changed > 100, (taken, changed)
+
+
+def test_what_needs_the_walk_is_never_decided_from_the_hits() -> None:
+    scanner = Masker().hits
+    secret = base64.b64encode(b"canary").decode()
+    for body in [
+        json.dumps({"kind": "Secret", "data": {"a": secret}}),
+        json.dumps({"kind"   : "Secret", "data": {"a": secret}}, indent=8),
+        json.dumps({"metadata": {"annotations": {"example.com/api-token": "v"}}}),
+        json.dumps({"kind": "ConfigMap", "data": {"DB_PASSWORD": "v"}}),
+        json.dumps({"env": [{"name": "DB_PASSWORD", "value": "v"}]}),
+        json.dumps({"env": [{"value": "v", "name": "DB_PASSWORD"}]}),
+        json.dumps({"metadata": {"annotations": {"kubectl.kubernetes.io/last-applied-configuration": '{"kind":"Secret"}'}}}),
+        '{"x\\u0074oken": "a"}',
+        json.dumps({"a": "ſecret=value"}, ensure_ascii=False),
+    ]:
+        assert scanner.scan(body.encode()) is None, body
+
+
+def test_a_pod_list_is_decided_from_the_hits_without_a_parse(monkeypatch) -> None:
+    from scripts.bench import bodies
+
+    body = json.dumps({"kind": "PodList", "items": [bodies.pod(i) for i in range(20)]}, separators=(",", ":")).encode()
+    masker = Masker()
+    parsed = []
+    monkeypatch.setattr("jitgate.masking.objects._decode", lambda text: parsed.append(1) or json.loads(text))
+    result = masker.mask_json(body)
+    assert result.body == body and result.masked == 0 and not parsed
+    assert hits_module._c_string_hits is None or masker.hits.string_hits is hits_module._c_string_hits
