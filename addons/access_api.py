@@ -17,7 +17,7 @@ import time
 from mitmproxy import http
 
 from jitgate.access.service import AccessService
-from jitgate.api.access_api import AccessAPI, is_api_path
+from jitgate.api.access_api import AccessAPI, audit_annotations, is_api_path
 from jitgate.chain.flow import call_of, refuse
 from jitgate.chain.service_host import AccessServiceHost
 from jitgate.store.sqlite import StoreError
@@ -49,6 +49,8 @@ class AccessAPIServer:
             refuse(flow, 503, "jitgate: the grant store is unavailable, so the access API cannot answer now "
                               f"(fail closed; audit ID {call.audit_id})")
             return
+        call.annotations.update(audit_annotations(flow.request.method, flow.request.path, flow.request.raw_content or b"",
+                                                  status, body))
         if status < 400:
             call.allow("jitgate access API")
         else:

@@ -842,3 +842,28 @@ def test_reveal_is_asked_for_and_granted_only_under_a_rule_that_allows_it(tmp_pa
         assert approved["grant"]["scope"]["reveal"] is True
         grants = h.store.active_grants_for("erin@example.com", "dev", h.clock.now)
         assert [g.scope.reveal for g in grants] == [True]
+
+
+def test_audit_annotations_name_the_request_grant_scope_reason_and_outcome(h: Harness) -> None:
+    from jitgate.api.access_api import audit_annotations
+
+    def annotated(method: str, target: str, body=None, who=ERIN) -> dict[str, str]:
+        raw = b"" if body is None else json.dumps(body).encode()
+        code, answer = h.call(method, target, body, who)
+        return audit_annotations(method, target, raw, code, answer)
+
+    created = annotated("POST", R, {**DEV_PODS, "reason": "INC-7 payments"})
+    rid = created["jitgate.dev/api-access-request"]
+    assert created["jitgate.dev/api-action"] == "create_request" and created["jitgate.dev/api-outcome"] == "request pending"
+    assert created["jitgate.dev/api-reason"] == "INC-7 payments"
+    assert created["jitgate.dev/scope"] == "get, list pods, pods/log in namespace dev on cluster dev"
+    annotated("POST", f"{R}/{rid}/approve", {"reason": "ok"}, who=BOB)
+    approved = annotated("POST", f"{R}/{rid}/approve", {"reason": "seen it"}, who=CAROL)
+    grant = approved["jitgate.dev/api-grant"]
+    assert approved["jitgate.dev/api-outcome"] == "request approved, grant active" and approved["jitgate.dev/api-reason"] == "seen it"
+    revoked = annotated("POST", f"{G}/{grant}/revoke", {"reason": "done"}, who=BOB)
+    assert (revoked["jitgate.dev/api-action"], revoked["jitgate.dev/api-outcome"], revoked["jitgate.dev/api-access-request"]) == \
+        ("revoke", "grant revoked", rid)
+    refused = annotated("POST", f"{R}/{rid}/approve", {"reason": "again"}, who=BOB)
+    assert refused["jitgate.dev/api-outcome"].startswith("refused 409") and refused["jitgate.dev/api-access-request"] == rid
+    assert annotated("GET", API_PREFIX + "whoami")["jitgate.dev/api-outcome"] == "answered 200"

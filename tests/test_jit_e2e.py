@@ -164,6 +164,12 @@ def test_two_distinct_approvers_then_exactly_the_granted_scope(jit: JIT) -> None
     reviewable = jit.cli("bob", "list", "--reviewable").stdout
     assert request_id in reviewable
     jit.cli("bob", "approve", request_id, "--reason", "second pair of eyes")
+    # The access API's own calls are audited with what they acted on and how it came out.
+    approvals = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/api-action") == "approve"
+                 and e["annotations"].get("jitgate.dev/api-access-request") == request_id and e["stage"] == "ResponseComplete"]
+    assert [a["annotations"]["jitgate.dev/api-reason"] for a in approvals][-1] == "second pair of eyes"
+    assert approvals[-1]["annotations"]["jitgate.dev/api-outcome"] == "request approved, grant active"
+    assert approvals[-1]["annotations"]["jitgate.dev/scope"] == "get, list pods, pods/log in namespace dev on cluster dev"
     shown = jit.show("alice", request_id)
     assert shown["state"] == "approved" and shown["grant"]["state"] == "active"
 

@@ -372,6 +372,54 @@ def grant_view(grant: Grant, now: float) -> dict[str, Any]:
     return data
 
 
+def audit_annotations(method: str, target: str, request_body: bytes, status_code: int, answer: dict) -> dict[str, str]:
+    """What an audit event of an access API call carries besides the call itself: the action, the
+    request or grant it acted on, its scope, the reason given, and the outcome. Plain strings, as
+    audit.k8s.io annotations are; never raises (an unparseable call still gets its action)."""
+    out: dict[str, str] = {}
+    path = target.partition("?")[0]
+    try:
+        route, ident = _route(method.upper(), path)
+        out["jitgate.dev/api-action"] = route.action
+    except Refused:
+        route, ident = None, None
+    reason = None
+    if request_body:
+        try:
+            sent = json.loads(request_body)
+            reason = sent.get("reason") if isinstance(sent, dict) else None
+        except ValueError:
+            pass
+    if isinstance(reason, str) and reason:
+        out["jitgate.dev/api-reason"] = reason[:500]
+    subject = answer if isinstance(answer, dict) else {}
+    if subject.get("kind") == "Status":
+        out["jitgate.dev/api-outcome"] = f"refused {status_code}: {str(subject.get('message', ''))[:300]}"
+        if ident:
+            out["jitgate.dev/api-access-request" if ident.startswith("req-") else "jitgate.dev/api-grant"] = ident
+        return out
+    ident_value = subject.get("id")
+    if isinstance(ident_value, str) and ident_value.startswith("req-"):
+        out["jitgate.dev/api-access-request"] = ident_value
+        grant = subject.get("grant") or {}
+        if grant.get("id"):
+            out["jitgate.dev/api-grant"] = grant["id"]
+        out["jitgate.dev/api-outcome"] = f"request {subject.get('state')}" + (f", grant {grant.get('state')}" if grant else "")
+    elif isinstance(ident_value, str) and ident_value.startswith("grant-"):
+        out["jitgate.dev/api-grant"] = ident_value
+        out["jitgate.dev/api-access-request"] = str(subject.get("request_id", ""))
+        out["jitgate.dev/api-outcome"] = f"grant {subject.get('state')}"
+    else:
+        out["jitgate.dev/api-outcome"] = f"answered {status_code}"
+    scope = subject.get("scope")
+    if isinstance(scope, dict):
+        try:
+            out["jitgate.dev/scope"] = Scope.from_dict(scope).describe()
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing a call
 
