@@ -6,18 +6,36 @@ stream opens and a `ResponseComplete` one when it ends, sharing the auditID, as 
 When the log cannot be written the call is refused (fail closed): a response whose line failed is
 replaced by a 500 Status, and while the log is failing new calls are refused before they are sent.
 
+Every line is hash-chained to the one before (jitgate.audit.chain), and the chain's head is
+checkpointed in SQLite (`audit_chain_store`: by default the gateway's grant store), so
+`jitgate audit verify` finds a changed, removed, inserted or reordered line and a cut-off end.
+Optional sinks ship each event to a SIEM's HTTPS endpoint or to standard output, in the k8s shape
+or as OCSF, after the local line is written and without ever holding a call (jitgate.audit.sinks).
+
     mitmdump -s addons/audit.py --set audit_log=state/audit.log
+    mitmdump -s addons/audit.py --set audit_webhook=https://siem.example/ingest \
+        --set audit_webhook_secret_file=/etc/jitgate/siem-secret --set audit_format=ocsf
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+import stat
 import time
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http, tcp
+from mitmproxy.utils import human
 
 from jitgate.audit.log import AuditLog, AuditLogError
+from jitgate.audit.sinks import (
+    FORMATS,
+    Sinks,
+    StdoutSink,
+    WebhookSink,
+    parse_webhook_url,
+)
 from jitgate.chain.call import Call
 from jitgate.chain.flow import METADATA_KEY, call_of, refuse
 from jitgate.kube.audit_event import build_event, new_audit_id, object_ref_from
@@ -26,6 +44,15 @@ from jitgate.kube.status import status_body
 log = logging.getLogger("jitgate.audit")
 
 ANONYMOUS = {"username": "system:anonymous", "groups": ["system:unauthenticated"]}
+
+# Options whose change reopens the log, and those whose change rebuilds the sinks.
+LOG_OPTIONS = frozenset({"audit_log", "audit_fsync", "audit_chain_store", "grant_store"})
+SINK_OPTIONS = frozenset({
+    "audit_log", "audit_chain_store", "grant_store", "audit_webhook", "audit_webhook_ca", "audit_webhook_secret",
+    "audit_webhook_secret_file", "audit_sink_batch", "audit_sink_flush_ms", "audit_webhook_timeout",
+    "audit_sink_queue", "audit_spool_dir", "audit_spool_max", "audit_stdout", "audit_format",
+})
+SINK_CLOSE_TIMEOUT = 5.0  # seconds a stopping gateway spends sending what its sinks hold in memory
 
 
 def event_for(flow: http.HTTPFlow, call: Call, stage: str, code: int | None, message: str | None = None) -> dict:
@@ -62,45 +89,236 @@ def event_for(flow: http.HTTPFlow, call: Call, stage: str, code: int | None, mes
     )
 
 
+def chain_store() -> Path | None:
+    """Where the chain's head is checkpointed: audit_chain_store, else the gateway's grant store
+    (when the access service runs in this process), else audit-chain.db beside a regular log file."""
+    if ctx.options.audit_chain_store:
+        return Path(ctx.options.audit_chain_store)
+    if "grant_store" in ctx.options and ctx.options.grant_store:
+        return Path(ctx.options.grant_store)
+    if ctx.options.audit_log == "-":
+        return None
+    log_path = Path(ctx.options.audit_log)
+    try:
+        if not stat.S_ISREG(log_path.stat().st_mode):
+            return None  # a device or pipe (/dev/full, a FIFO): nothing to checkpoint beside it
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    return log_path.parent / "audit-chain.db"
+
+
+def state_folder() -> Path:
+    store = chain_store()
+    if store is not None:
+        return store.parent
+    return Path("state")
+
+
+def _positive(name: str) -> int:
+    value = getattr(ctx.options, name)
+    if value < 1:
+        raise exceptions.OptionsError(f"{name} must be at least 1")
+    return value
+
+
+def sink_plan() -> list[tuple[type, dict]]:
+    """The sinks the options ask for, as (class, arguments), validated: raises OptionsError on a
+    bad value. Nothing is started here, so the running sinks keep going until the new ones are sure."""
+    o = ctx.options
+    if o.audit_format not in FORMATS:
+        raise exceptions.OptionsError(f"audit_format must be one of {', '.join(FORMATS)}, not {o.audit_format!r}")
+    if o.audit_stdout and o.audit_log == "-":
+        raise exceptions.OptionsError("audit_stdout with audit_log=- would print every event twice: choose one")
+    for name in ("audit_webhook_ca", "audit_webhook_secret", "audit_webhook_secret_file"):
+        if getattr(o, name) and not o.audit_webhook:
+            raise exceptions.OptionsError(f"{name} is set but audit_webhook is not")
+    if not (o.audit_webhook or o.audit_stdout):
+        return []
+    try:
+        spool_max = human.parse_size(o.audit_spool_max)
+    except ValueError:
+        raise exceptions.OptionsError(f"audit_spool_max: {o.audit_spool_max!r} is no size (e.g. 512m, 1g)") from None
+    if not spool_max:
+        raise exceptions.OptionsError("audit_spool_max must be above zero")
+    common = dict(fmt=o.audit_format, batch_size=_positive("audit_sink_batch"),
+                  flush_interval=_positive("audit_sink_flush_ms") / 1000, queue_size=_positive("audit_sink_queue"),
+                  spool_dir=Path(o.audit_spool_dir) if o.audit_spool_dir else state_folder() / "audit-spool",
+                  spool_max_bytes=spool_max)
+    plan: list[tuple[type, dict]] = []
+    if o.audit_webhook:
+        try:
+            target = parse_webhook_url(o.audit_webhook)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"audit_webhook: {e}") from None
+        secret = _webhook_secret()
+        context = None
+        if target.scheme == "https":
+            if o.audit_webhook_ca and not Path(o.audit_webhook_ca).is_file():
+                raise exceptions.OptionsError(f"audit_webhook_ca: no such file: {o.audit_webhook_ca}")
+            try:
+                context = ssl.create_default_context(cafile=o.audit_webhook_ca or None)
+            except (ssl.SSLError, OSError) as e:  # a CA file that holds no certificate
+                raise exceptions.OptionsError(f"cannot set up the audit webhook: audit_webhook_ca: {e}") from None
+        plan.append((WebhookSink, dict(url=o.audit_webhook, secret=secret, timeout=_positive("audit_webhook_timeout"),
+                                       context_factory=(lambda: context) if context else None, **common)))
+    if o.audit_stdout:
+        plan.append((StdoutSink, common))
+    return plan
+
+
+def start_sinks(plan: list[tuple[type, dict]]) -> Sinks:
+    started = []
+    for cls, kwargs in plan:
+        try:
+            started.append(cls(**kwargs))
+        except OSError as e:  # the spool folder
+            Sinks(started).close(0)
+            raise exceptions.OptionsError(f"cannot set up the audit spool under {kwargs['spool_dir']}: {e}") from None
+    return Sinks(started)
+
+
+def _webhook_secret() -> bytes | None:
+    o = ctx.options
+    if o.audit_webhook_secret and o.audit_webhook_secret_file:
+        raise exceptions.OptionsError("set audit_webhook_secret or audit_webhook_secret_file, not both")
+    if o.audit_webhook_secret_file:
+        try:
+            secret = Path(o.audit_webhook_secret_file).read_bytes().strip()
+        except OSError as e:
+            raise exceptions.OptionsError(f"audit_webhook_secret_file: cannot read it: {e.strerror or e}") from None
+        if not secret:
+            raise exceptions.OptionsError("audit_webhook_secret_file is empty")
+        return secret
+    return o.audit_webhook_secret.encode() if o.audit_webhook_secret else None
+
+
 class Audit:
     def __init__(self) -> None:
         self.log: AuditLog | None = None
+        self.sinks = Sinks()
         self.failing = False
 
     def load(self, loader) -> None:
         loader.add_option(
             "audit_log", str, "state/audit.log",
             "Where audit events go: a JSON-lines file (created 0600, appended to, reopened after "
-            "rotation), or '-' for standard output.",
+            "rotation), or '-' for standard output. Every line is hash-chained to the one before "
+            "(check with `jitgate audit verify`).",
         )
         loader.add_option(
             "audit_fsync", bool, False,
             "fsync the audit log after every event (survives a machine crash, costs a disk flush per call).",
         )
+        loader.add_option(
+            "audit_chain_store", str, "",
+            "SQLite file where the audit chain's head is checkpointed, so a log cut off at its end "
+            "is caught. Empty: the grant store (grant_store) when the gateway runs the access "
+            "service, else audit-chain.db beside the audit log.",
+        )
+        loader.add_option(
+            "audit_webhook", str, "",
+            "Also send every audit event to this URL (a SIEM's HTTPS collector), in batches of "
+            "JSON lines, retried until taken, spooled to disk while it is down. https:// with a "
+            "verified certificate; http:// only to a loopback address. Empty: off.",
+        )
+        loader.add_option(
+            "audit_webhook_ca", str, "",
+            "CA certificate file (PEM) the audit webhook's certificate must chain to (default: the system's CAs).",
+        )
+        loader.add_option(
+            "audit_webhook_secret", str, "",
+            "Sign each audit webhook batch with HMAC-SHA256 under this secret (X-Jitgate-Signature: "
+            "sha256=HMAC(secret, '<X-Jitgate-Timestamp>.<body>')). Visible in the process list: "
+            "prefer audit_webhook_secret_file.",
+        )
+        loader.add_option(
+            "audit_webhook_secret_file", str, "",
+            "File holding the audit webhook's HMAC secret (surrounding whitespace is ignored).",
+        )
+        loader.add_option(
+            "audit_sink_batch", int, 100,
+            "Most events per audit sink batch (a batch leaves when full, or audit_sink_flush_ms after it began).",
+        )
+        loader.add_option(
+            "audit_sink_flush_ms", int, 1000,
+            "Longest wait, in milliseconds, before an audit sink sends a batch that is not full.",
+        )
+        loader.add_option(
+            "audit_webhook_timeout", int, 10,
+            "Seconds to wait for the audit webhook's answer before the batch is retried.",
+        )
+        loader.add_option(
+            "audit_sink_queue", int, 10000,
+            "Events each audit sink keeps in memory; beyond that (the receiver is down or slow) "
+            "they go to its disk spool, in order, and are sent when it is back.",
+        )
+        loader.add_option(
+            "audit_spool_dir", str, "",
+            "Folder of the audit sinks' disk spools (0700). Empty: audit-spool/ in the state folder "
+            "(the folder of audit_chain_store).",
+        )
+        loader.add_option(
+            "audit_spool_max", str, "1g",
+            "Largest disk spool per audit sink (k/m/g). Events beyond it are dropped from the sink "
+            "and logged; the local audit log still has them.",
+        )
+        loader.add_option(
+            "audit_stdout", bool, False,
+            "Also print every audit event to standard output, one JSON line each (for a container's "
+            "log collector), in audit_format.",
+        )
+        loader.add_option(
+            "audit_format", str, "k8s",
+            "What the audit sinks send: k8s (the log's own audit.k8s.io/v1 lines, chain included) or "
+            "ocsf (OCSF 1.3 API Activity, class_uid 6003, with the original line in raw_data). "
+            "The local log is always k8s.",
+            choices=FORMATS,
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if "audit_log" in updated or "audit_fsync" in updated:
+        if updated & LOG_OPTIONS:
             if not ctx.options.audit_log:
                 raise exceptions.OptionsError("audit_log must name a file (or '-' for standard output)")
             try:
                 new = AuditLog(ctx.options.audit_log if ctx.options.audit_log == "-" else Path(ctx.options.audit_log),
-                               fsync=ctx.options.audit_fsync)
+                               fsync=ctx.options.audit_fsync, chain=True, checkpoint_store=chain_store())
             except AuditLogError as e:
                 raise exceptions.OptionsError(f"cannot open the audit log: {e}") from None
             if self.log is not None:
-                self.log.close()
+                self._close_log()
             self.log, self.failing = new, False
+        if updated & SINK_OPTIONS:
+            plan = sink_plan()  # validated before the running sinks stop
+            self.sinks.close(0)  # what they hold goes to their spools, which the new ones send first
+            self.sinks = Sinks()
+            self.sinks = start_sinks(plan)
 
     def done(self) -> None:
         if self.log is not None:
+            self._close_log()
+        self.sinks.close(SINK_CLOSE_TIMEOUT)
+        self.sinks = Sinks()
+
+    def _close_log(self) -> None:
+        try:
             self.log.close()
+        except AuditLogError as e:
+            log.error("closing the audit log: %s", e)
+
+    def record(self, event: dict) -> None:
+        """The local line first (fail closed: raises AuditLogError), then the sinks (never fail)."""
+        if self.log is None:
+            raise AuditLogError("no audit log is configured")
+        written = self.log.write(event)
+        if self.sinks and written is not None:
+            self.sinks.submit(event, written)
 
     def write(self, flow: http.HTTPFlow, stage: str, code: int | None, message: str | None = None) -> bool:
         call = call_of(flow)
         try:
-            if self.log is None:
-                raise AuditLogError("no audit log is configured")
-            self.log.write(event_for(flow, call, stage, code, message))
+            self.record(event_for(flow, call, stage, code, message))
         except AuditLogError as e:
             if not self.failing:
                 log.error("audit log write failed; refusing calls until it works again: %s", e)
@@ -188,7 +406,7 @@ class Audit:
                          "jitgate.dev/reason": reason, "jitgate.dev/raw-tcp": "refused"},
         )
         try:
-            self.log.write(event)
+            self.record(event)
         except AuditLogError as e:
             log.error("audit log write failed for a refused raw TCP flow: %s", e)
             self.failing = True

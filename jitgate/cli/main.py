@@ -656,7 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     token_cli.add_commands(sub)
     __import__("jitgate.cli.sessions", fromlist=["add_parser"]).add_parser(sub)  # jitgate sessions: local recordings
-    __import__("jitgate.cli.audit", fromlist=["add_audit_commands"]).add_audit_commands(sub)  # jitgate audit: log, verify
+    from jitgate.cli.audit import add_audit_commands
+
+    add_audit_commands(sub)  # jitgate audit: show, filter, follow, verify
     return parser
 
 
