@@ -49,6 +49,9 @@ class AccessAPIServer:
             refuse(flow, 503, "jitgate: the grant store is unavailable, so the access API cannot answer now "
                               f"(fail closed; audit ID {call.audit_id})")
             return
+        if flow.request.method != "GET" and status < 400:
+            # A change (an approval, a revocation): the very next call sees it, not the grant cache's copy.
+            self.service.counter_checked = float("-inf")
         call.annotations.update(audit_annotations(flow.request.method, flow.request.path, flow.request.raw_content or b"",
                                                   status, body))
         if status < 400:

@@ -4,6 +4,13 @@ Proxy mode keeps the cluster's own endpoint as `server:` and sends it through th
 `proxy-url:`; reverse mode points `server:` at the gateway's listener for that cluster. Either way the
 CA is the gateway's (it terminates TLS), and the user entry supplies an OIDC ID token, never a
 cluster credential.
+
+The same kubeconfig serves kubectl, client-go programs (kubernetes-mcp-server) and Node programs on
+@kubernetes/client-node (mcp-server-kubernetes reads MCP resources with it): a token file is named
+under both spellings they read (`tokenFile`, `token-file`), with an absolute path, since client-go
+resolves a relative one against the kubeconfig's folder and client-node against its working folder.
+For agents, prefer a token file or an exec plugin to a static `token`: MCP servers' configuration
+tools (`configuration_view`, `kubectl config view --raw`) show the kubeconfig to the model.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ class TokenSource:
         if self.token:
             return {"token": self.token}
         if self.token_file:
-            return {"tokenFile": self.token_file}
+            # client-go (kubectl) reads `tokenFile` (again every minute, so a refreshed file is picked up);
+            # @kubernetes/client-node reads only `token-file`, and without it sends no token at all.
+            path = str(Path(self.token_file).expanduser().absolute())
+            return {"tokenFile": path, "token-file": path}
         if self.exec_command:
             return {
                 "exec": {
