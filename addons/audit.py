@@ -38,7 +38,7 @@ from jitgate.audit.sinks import (
 )
 from jitgate.chain.call import Call
 from jitgate.chain.flow import METADATA_KEY, call_of, refuse
-from jitgate.kube.audit_event import build_event, new_audit_id, object_ref_from
+from jitgate.kube.audit_event import build_event, name_from_body, new_audit_id, object_ref_from
 from jitgate.kube.status import status_body
 
 log = logging.getLogger("jitgate.audit")
@@ -53,6 +53,13 @@ SINK_OPTIONS = frozenset({
     "audit_sink_queue", "audit_spool_dir", "audit_spool_max", "audit_stdout", "audit_format",
 })
 SINK_CLOSE_TIMEOUT = 5.0  # seconds a stopping gateway spends sending what its sinks hold in memory
+
+
+def _created_name(flow: http.HTTPFlow, info) -> str:
+    """A create's object name from its JSON body (read once per call, only for creates without one)."""
+    if info.verb != "create" or info.name or info.subresource or not flow.request.raw_content:
+        return ""
+    return name_from_body(flow.request.get_content(strict=False), flow.request.headers.get("Content-Type", ""))
 
 
 def event_for(flow: http.HTTPFlow, call: Call, stage: str, code: int | None, message: str | None = None) -> dict:
@@ -80,7 +87,7 @@ def event_for(flow: http.HTTPFlow, call: Call, stage: str, code: int | None, mes
         user=user,
         source_ips=[peer[0]] if peer else [],
         user_agent=flow.request.headers.get("User-Agent", ""),
-        object_ref=object_ref_from(info) if info else None,
+        object_ref=object_ref_from(info, _created_name(flow, info)) if info else None,
         response_code=code,
         response_message=message,
         request_received=call.received,

@@ -444,7 +444,7 @@ def test_mcp_server_kubernetes_tools_under_the_agents_grant_and_guardrails(world
                                                "namespace": "dev", "outputFormat": "json"}, "get", "secrets", "dev", "db-credentials")
     assert json.loads(out.text)["data"] == {"password": MASKED_B64, "username": MASKED_B64}
     assert event["annotations"].get("jitgate.dev/masked")
-    # client-side apply: a get (404), then a create (whose audit event names no object: see the xfail test below)
+    # client-side apply: a get (404), then a create (whose audit event names the object: test below)
     out, _ = c.allowed("kubectl_apply", {"manifest": APP_POD.format(name=pod), "namespace": "dev"}, "create", "pods", "dev")
     assert f"pod/{pod} created" in out.text
     out, _ = c.allowed("kubectl_logs", {"resourceType": "pod", "name": pod, "namespace": "dev"}, "get", "pods", "dev", pod, "log")
@@ -597,13 +597,6 @@ data: {{created-by: agent}}
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway audit: the objectRef of a create (POST to the collection) has no name. "
-    "jitgate/kube/audit_event.py object_ref() takes objectRef.name from the URL only, while kube-apiserver "
-    "completes it from the request object (k8s.io/apiserver/pkg/audit LogRequestObject fills an empty "
-    "ObjectRef.Name/Namespace from the object's metadata, at every level from Metadata up). An agent's "
-    "`kubectl apply`/`kubectl create` of a new object is audited as 'create configmaps in dev' without "
-    "saying which; the guardrails step already reads the name from the body"))
 def test_audit_names_the_object_an_agents_create_makes(world: World) -> None:
     agent = world.agent("node-reverse", *NODE_CASES[1])
     c = Conversation(world, NODE, agent)

@@ -14,6 +14,8 @@ threads and processes can share one log without interleaving lines. Any failure 
 
 from __future__ import annotations
 
+import json
+
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -95,15 +97,33 @@ def redact_request_uri(uri: str) -> str:
     return f"{path}?{'&'.join(pairs)}"
 
 
-def object_ref_from(info: RequestInfo) -> dict | None:
-    """The `objectRef` the apiserver records for a request: only resource requests have one."""
+MAX_NAMED_BODY = 3 * 1024 * 1024  # a create's body read for its object's name (etcd's object limit is ~1.5 MB)
+
+
+def name_from_body(body: bytes | None, content_type: str) -> str:
+    """The `metadata.name` of a JSON object in a create's body ("" when there is none or it cannot
+    be read): kube-apiserver completes a create's objectRef with it, the URL has no name."""
+    if not body or len(body) > MAX_NAMED_BODY or "json" not in content_type.lower():
+        return ""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return ""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def object_ref_from(info: RequestInfo, body_name: str = "") -> dict | None:
+    """The `objectRef` the apiserver records for a request: only resource requests have one. A
+    create names the object from its body (`body_name`), as kube-apiserver's audit does."""
     if not info.is_resource_request:
         return None
     return _drop_empty(
         {
             "resource": info.resource,
             "namespace": info.namespace,
-            "name": info.name,
+            "name": info.name or (body_name if info.verb == "create" and not info.subresource else ""),
             "apiGroup": info.api_group,
             "apiVersion": info.api_version,
             "subresource": info.subresource,
