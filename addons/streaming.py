@@ -49,17 +49,18 @@ class RefusedHandshakes:
     def __init__(self) -> None:
         self.entries: OrderedDict[tuple, tuple[float, int, str]] = OrderedDict()
 
-    def remember(self, key: tuple, code: int, message: str) -> None:
-        self.entries[key] = (time.monotonic() + self.TTL, code, message)
+    def remember(self, key: tuple, code: int, message: str, audit_id: str = "") -> None:
+        self.entries[key] = (time.monotonic() + self.TTL, code, message, audit_id)
         self.entries.move_to_end(key)
         while len(self.entries) > self.LIMIT:
             self.entries.popitem(last=False)
 
-    def take(self, key: tuple) -> tuple[int, str] | None:
+    def take(self, key: tuple) -> tuple[int, str, str] | None:
+        """(code, message, audit ID) of the refused handshake this retry repeats, if recent."""
         entry = self.entries.pop(key, None)
         if entry is None or entry[0] < time.monotonic():
             return None
-        return entry[1], entry[2]
+        return entry[1], entry[2], entry[3]
 
 
 def handshake_key(flow: http.HTTPFlow) -> tuple | None:
@@ -112,11 +113,15 @@ class Streaming:
             return
         key = handshake_key(flow)
         earlier = self.refused.take(key) if key else None
+        call = call_of(flow)
         if earlier is not None:
-            code, message = earlier
+            code, message, first = earlier
+            # kubectl's automatic SPDY retry of that refused command: audited (it is a call), and
+            # marked as the same refusal, so a reader (and `jitgate audit`) counts one refused exec.
+            call.annotations["jitgate.dev/retry-of"] = first
         else:
             code, message = 400, UPGRADE_REFUSED.format(what=what)
-        call_of(flow).annotations["jitgate.dev/upgrade-refused"] = what
+        call.annotations["jitgate.dev/upgrade-refused"] = what
         refuse(flow, code, message)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -142,7 +147,8 @@ class Streaming:
                 and "jitgate.dev/upgrade-refused" not in call.annotations):
             key = handshake_key(flow)
             if key is not None:
-                self.refused.remember(key, response.status_code, call.reason if call.denied else status_message(response))
+                self.refused.remember(key, response.status_code, call.reason if call.denied else status_message(response),
+                                      call.audit_id)
 
     def end_upgrade(self, flow: http.HTTPFlow) -> None:
         """mitmproxy relays a 101 it does not read as a WebSocket as raw TCP: never let it start."""

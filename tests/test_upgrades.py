@@ -557,10 +557,20 @@ def test_kubectl_exec_without_a_grant_prints_the_grant_refusal(stack: Stack, rea
     what refused the WebSocket, not that SPDY is not inspected."""
     token = reader
     config = kubeconfig(stack, tmp_path / "kc", token, mode)
-    result = run_kubectl(config, "exec", "-n", "dev", "toolbox", "--", "echo", "hi")
+    marker = f"refused-{mode}-{time.monotonic_ns()}"
+    result = run_kubectl(config, "exec", "-n", "dev", "toolbox", "--", "echo", marker)
     assert result.returncode != 0
     assert "jitgate: no active grant" in result.stderr, result.stderr
     assert "only WebSocket upgrades" not in result.stderr
+    # Two calls (the WebSocket handshake, kubectl's SPDY retry), both audited; the retry names the
+    # first, and `jitgate audit` shows the refused command once.
+    events = [e for e in stack.gateway.audit_events() if marker in e.get("requestURI", "")]
+    assert len({e["auditID"] for e in events}) == 2, events
+    first, retry = sorted({e["auditID"]: e for e in events}.values(), key=lambda e: e["requestReceivedTimestamp"])
+    assert "jitgate.dev/retry-of" not in first["annotations"] and retry["annotations"]["jitgate.dev/retry-of"] == first["auditID"]
+    shown = subprocess.run([str(REPO / ".venv/bin/jitgate"), "audit", "--log", str(stack.gateway.audit_path), "-o", "json",
+                            "--stage", "all"], capture_output=True, text=True, check=True).stdout
+    assert sum(marker in line for line in shown.splitlines()) == len([e for e in events if e["auditID"] == first["auditID"]])
 
 
 # --- the steps in a mitmproxy test harness ---------------------------------------------------------------

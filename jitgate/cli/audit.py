@@ -95,6 +95,7 @@ class Filter:
     stages: frozenset[str] | None = None
     since: str | None = None  # timestamps in the events' form
     until: str | None = None
+    retries: bool = False  # kubectl's automatic retries of a refused call (jitgate.dev/retry-of) shown too
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, now: float) -> Filter:
@@ -110,7 +111,7 @@ class Filter:
         until = _stamp(parse_moment(args.until, now)) if args.until else None
         return cls(user=_matcher(args.user), cluster=_matcher(args.cluster), namespace=_matcher(args.namespace),
                    verbs=frozenset(_items(args.verb)) or None, decision=args.decision, stages=chosen,
-                   since=since, until=until)
+                   since=since, until=until, retries=getattr(args, "retries", False))
 
     def __call__(self, event: dict) -> bool:
         if self.stages is not None and event.get("stage") not in self.stages:
@@ -122,6 +123,8 @@ class Filter:
             if (self.since is not None and stamp < self.since) or (self.until is not None and stamp > self.until):
                 return False
         annotations = event.get("annotations") or {}
+        if not self.retries and "jitgate.dev/retry-of" in annotations:
+            return False  # the same refusal as the event it names: one refused command, one row
         if self.user is not None and not self.user((event.get("user") or {}).get("username", "")):
             return False
         if self.cluster is not None and not self.cluster(annotations.get("jitgate.dev/cluster", "")):
@@ -442,6 +445,8 @@ def add_audit_commands(sub) -> None:
     audit.add_argument("--since", metavar="WHEN", help="events from then on: 10m, 2h, 1d ago, or RFC 3339 (2026-12-01T10:00:00Z)")
     audit.add_argument("--until", metavar="WHEN", help="events up to then (same forms)")
     audit.add_argument("-f", "--follow", action="store_true", help="keep printing new events (Ctrl-C ends)")
+    audit.add_argument("--retries", action="store_true",
+                       help="also show kubectl's automatic retries of a refused call (audited with jitgate.dev/retry-of)")
     _output_flag(audit, "a table")
     audit.set_defaults(func=cmd_audit)
 
