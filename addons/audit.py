@@ -7,7 +7,7 @@ When the log cannot be written the call is refused (fail closed): a response who
 replaced by a 500 Status, and while the log is failing new calls are refused before they are sent.
 
 Every line is hash-chained to the one before (jitgate.audit.chain), and the chain's head is
-checkpointed in SQLite (`audit_chain_store`: by default the gateway's grant store), so
+checkpointed in SQLite (`audit_chain_store`: by default audit-chain.db beside the log), so
 `jitgate audit verify` finds a changed, removed, inserted or reordered line and a cut-off end.
 Optional sinks ship each event to a SIEM's HTTPS endpoint or to standard output, in the k8s shape
 or as OCSF, after the local line is written and without ever holding a call (jitgate.audit.sinks).
@@ -97,12 +97,11 @@ def event_for(flow: http.HTTPFlow, call: Call, stage: str, code: int | None, mes
 
 
 def chain_store() -> Path | None:
-    """Where the chain's head is checkpointed: audit_chain_store, else the gateway's grant store
-    (when the access service runs in this process), else audit-chain.db beside a regular log file."""
+    """Where the chain's head is checkpointed: audit_chain_store, else audit-chain.db beside a
+    regular log file. Never the grant store: the checkpoint commits on the event loop, and waiting
+    there on a lock the store's own thread holds stalled the ending of revoked sessions."""
     if ctx.options.audit_chain_store:
         return Path(ctx.options.audit_chain_store)
-    if "grant_store" in ctx.options and ctx.options.grant_store:
-        return Path(ctx.options.grant_store)
     if ctx.options.audit_log == "-":
         return None
     log_path = Path(ctx.options.audit_log)
@@ -201,11 +200,49 @@ def _webhook_secret() -> bytes | None:
     return o.audit_webhook_secret.encode() if o.audit_webhook_secret else None
 
 
+GATEWAY_USER = {"username": "system:jitgate", "groups": ["system:jitgate"]}
+# Workflow event kind -> (verb, resource of the jitgate.dev API it is about, the detail naming it).
+WORKFLOW = {
+    "request.auto_approved": ("approve", "accessrequests", "access-request"),
+    "request.expired": ("expire", "accessrequests", "access-request"),
+    "grant.expired": ("expire", "grants", "grant"),
+    "session.terminated": ("terminate", "sessions", "session"),
+}
+
+
+def workflow_event(kind: str, details: dict, now: float) -> dict:
+    """An audit event for what the gateway did on its own (no API call): an automatic approval, an
+    expiry, a live session ended. Its user is the gateway; its objectRef the request, grant or
+    session (the auditID of the session's call); the details are annotations."""
+    verb, resource, subject = WORKFLOW[kind]
+    name = str(details.get(subject, ""))
+    annotations = {"jitgate.dev/workflow": kind, "jitgate.dev/decision": "none",
+                   **{f"jitgate.dev/{key}": str(value) for key, value in details.items() if value}}
+    return build_event(
+        audit_id=new_audit_id(), stage="ResponseComplete", request_uri=f"/jitgate/v1/{resource}/{name}", verb=verb,
+        user=GATEWAY_USER, source_ips=[], user_agent="jitgate", response_code=200, request_received=now,
+        stage_timestamp=now, annotations=annotations,
+        object_ref={"apiGroup": "jitgate.dev", "apiVersion": "v1", "resource": resource, "name": name},
+    )
+
+
 class Audit:
-    def __init__(self) -> None:
+    def __init__(self, service=None) -> None:
         self.log: AuditLog | None = None
         self.sinks = Sinks()
         self.failing = False
+        self.service = service  # the access service whose workflow events this step writes (the gateway's)
+        if service is not None:
+            service.workflow_listeners.append(self.workflow)
+
+    def workflow(self, kind: str, details: dict) -> None:
+        """Write a workflow event; a failing log refuses the next calls (there is no call to refuse now)."""
+        try:
+            self.record(workflow_event(kind, details, time.time()))
+        except AuditLogError as e:
+            if not self.failing:
+                log.error("audit log write failed (%s event); refusing calls until it works again: %s", kind, e)
+            self.failing = True
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -221,8 +258,8 @@ class Audit:
         loader.add_option(
             "audit_chain_store", str, "",
             "SQLite file where the audit chain's head is checkpointed, so a log cut off at its end "
-            "is caught. Empty: the grant store (grant_store) when the gateway runs the access "
-            "service, else audit-chain.db beside the audit log.",
+            "is caught. Empty: audit-chain.db beside the audit log (never the grant store: its "
+            "commits would wait on the store's own thread).",
         )
         loader.add_option(
             "audit_webhook", str, "",

@@ -567,7 +567,7 @@ identity_providers:
 
 def test_gateway_run_writes_a_verifiable_chain_checkpointed_in_its_store(tmp_path):
     """The real gateway (mitmdump -s addons/gateway.py): refused calls are audited, chained, and the
-    head lands in the grant store; the same log then fails verification once a line is edited."""
+    head lands in audit-chain.db beside the log; the same log then fails verification once a line is edited."""
     import http.client
     import ssl
 
@@ -596,8 +596,8 @@ def test_gateway_run_writes_a_verifiable_chain_checkpointed_in_its_store(tmp_pat
         gateway.stop()
     events = gateway.audit_events()
     assert len(events) == 6 and [e[CHAIN_KEY]["seq"] for e in events] == list(range(1, 7))
-    head = read_checkpoint(store, gateway.audit_path)
-    assert head is not None and head[0].seq == 6, "checkpointed in the grant store at stop"
+    head = read_checkpoint(gateway.audit_path.parent / "audit-chain.db", gateway.audit_path)
+    assert head is not None and head[0].seq == 6, "checkpointed beside the log at stop"
     ok = subprocess.run([str(JITGATE), "audit", "verify", "--log", str(gateway.audit_path), "--store", str(store)],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.startswith("verified 6 events"), ok.stdout + ok.stderr
