@@ -182,10 +182,14 @@ class Grants:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.forget(flow)
 
-    @staticmethod
-    def terminated(call: Call, why: str, message: str = "") -> None:
+    def terminated(self, call: Call, why: str, message: str = "") -> None:
         call.annotations["jitgate.dev/terminated"] = why
         call.reason = f"{call.reason}; session ended: {message or why}"
+        info = call.info
+        self.service.emit_workflow("session.terminated", {
+            "session": call.audit_id, "user": call.identity.username if call.identity else "",
+            "grant": call.grant.id if call.grant else "", "cluster": call.cluster.name if call.cluster else "",
+            "call": f"{info.verb} {info.resource_path}" if info else "", "reason": why})
 
     def end_sessions(self, grant_id: str, why: str) -> None:
         """The grant ended: each of its live sessions moves to another active grant of the same

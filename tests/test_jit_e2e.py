@@ -197,6 +197,15 @@ def test_grant_expires_on_time(jit: JIT) -> None:
     after = jit.kubectl("alice", "get", "pods", "-n", "default")
     assert after.returncode != 0 and "Forbidden" in after.stderr
     assert jit.show("alice", request_id)["grant"]["state"] in ("expired", "active")  # swept within a second
+    grant_id = jit.show("alice", request_id)["grant"]["id"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [e for e in jit.gateway.audit_events()
+                                               if e["annotations"].get("jitgate.dev/workflow") == "grant.expired"
+                                               and e["objectRef"]["name"] == grant_id]:
+        time.sleep(0.2)
+    expired = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/workflow") == "grant.expired"
+               and e["objectRef"]["name"] == grant_id]
+    assert len(expired) == 1 and expired[0]["verb"] == "expire" and expired[0]["user"]["username"] == "system:jitgate"
 
 
 def test_bad_reviews_change_nothing(jit: JIT) -> None:
@@ -224,6 +233,10 @@ def test_auto_approval_fires_unless_denied_first(jit: JIT) -> None:
         time.sleep(0.5)
     assert jit.show("alice", kept)["state"] == "approved"
     assert jit.show("alice", denied)["state"] == "denied"
+    auto = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/workflow") == "request.auto_approved"]
+    assert [e["objectRef"]["name"] for e in auto] == [kept]
+    assert auto[0]["annotations"]["jitgate.dev/grant"] == jit.show("alice", kept)["grant"]["id"]
+    assert auto[0]["annotations"]["jitgate.dev/scope"] == "get, list configmaps in namespace prod on cluster dev"
     assert "app-config" in jit.kubectl("alice", "get", "configmaps", "-n", "prod", check=True).stdout
 
 
@@ -300,6 +313,12 @@ def test_revocation_ends_live_watch_and_exec(jit: JIT) -> None:
     assert refused.returncode != 0 and "jitgate: no active grant" in refused.stderr
     ended = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/terminated", "").startswith("grant revoked")]
     assert {e.get("objectRef", {}).get("subresource", "") for e in ended} >= {"", "exec"}, ended
+    # Each ending is also an event of its own, by the gateway, naming the session's call and the grant.
+    terminations = [e for e in jit.gateway.audit_events() if e["annotations"].get("jitgate.dev/workflow") == "session.terminated"
+                    and e["annotations"].get("jitgate.dev/grant") == grant_id]
+    assert {e["objectRef"]["name"] for e in terminations} >= {e["auditID"] for e in ended if e["stage"] == "ResponseComplete"}
+    assert all(e["user"]["username"] == "system:jitgate" and e["verb"] == "terminate" for e in terminations)
+    assert all(e["annotations"]["jitgate.dev/user"] == "alice@example.com" for e in terminations)
 
 
 def test_restart_mid_workflow_loses_nothing(jit: JIT) -> None:

@@ -93,6 +93,9 @@ class AccessService:
         # Told after each maintenance run: (now, [(grant id, why it ended)]); e.g. the grants step,
         # which ends the live sessions of ended grants.
         self.listeners: list[Callable[[float, list[tuple[str, str]]], None]] = []
+        # Workflow events that are no API call (an automatic approval, an expiry, a session ended):
+        # the audit step writes each as an event of its own. Called with (kind, details).
+        self.workflow_listeners: list[Callable[[str, dict], None]] = []
         # What the HTTP API (run on the store thread) uses: the current store and a notifier that
         # hands notifications back to the event loop.
         self.current_store = _CurrentStore(self)
@@ -288,7 +291,23 @@ class AccessService:
         ended, decided = await self.run(self._maintain_store, now)
         for kind, request in decided:
             self.notify(kind, request, actor="system:jitgate")
+            grant = request.grant
+            self.emit_workflow(f"request.{kind}", {
+                "access-request": request.id, "requester": request.requester, "rule": request.rule,
+                "scope": request.scope.describe(), "grant": grant.id if grant is not None else "",
+                "reason": "approved automatically: no reviewer denied it in time" if kind == "auto_approved"
+                else "nobody decided it before it expired"})
+        for grant_id, why in ended:
+            if why == "grant expired":  # a revocation is an access API call, audited as such
+                self.emit_workflow("grant.expired", {"grant": grant_id, "reason": why})
         return ended
+
+    def emit_workflow(self, kind: str, details: dict) -> None:
+        for listener in self.workflow_listeners:
+            try:
+                listener(kind, details)
+            except Exception:
+                log.exception("a workflow listener failed on %s", kind)
 
     def tell_listeners(self, now: float, ended: list[tuple[str, str]]) -> None:
         for listener in self.listeners:
