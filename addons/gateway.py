@@ -15,20 +15,21 @@ recorded.
 Which step runs in which hook (hooks by name, steps in chain order; tests/test_gateway_table.py
 checks this table against the code, `python -m tests.test_gateway_table` prints it):
 
-    error                    Grants, UpstreamCredential, Audit
-    http_connect             ClusterRouting, Audit
+    error                    Grants, UpstreamCredential, Recording, Audit
+    http_connect             ClusterRouting, Recording, Audit
     next_layer               ClusterRouting
-    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, SelfReview, Grants, Guardrails, UpstreamCredential, Masking, Audit
+    request                  ClusterRouting, RequestHygiene, Streaming, AccessAPIServer, SelfReview, Grants, Guardrails, UpstreamCredential, Masking, Recording, Audit
     requestheaders           RequestHygiene, Identity, RequestAttributes, Streaming, Audit
-    response                 Streaming, SelfReview, Grants, Masking, Audit
-    responseheaders          Streaming, Grants, UpstreamCredential, Masking, Audit
+    response                 Streaming, SelfReview, Grants, Masking, Recording, Audit
+    responseheaders          Streaming, Grants, UpstreamCredential, Masking, Recording, Audit
     server_connect           ClusterRouting
     tcp_message              ClusterRouting
     tcp_start                ClusterRouting, Audit
     tls_established_client   ClusterRouting
     tls_start_server         ClusterRouting
-    websocket_end            Grants, Guardrails, Masking, Audit
-    websocket_message        Guardrails, Masking
+    websocket_end            Grants, Guardrails, Masking, Recording, Audit
+    websocket_message        Guardrails, Masking, Recording
+    websocket_start          Recording
 
 Lifecycle hooks (load, configure, running, done) run in every step that has them. Flows read back
 with `-r` (not live) skip the chain: nothing is checked or sent again.
@@ -71,6 +72,7 @@ CHAIN = (
     "guardrails",  # dangerous operations denied, held for approval or marked, whatever the grant; typed exec lines
     "upstream_credential",  # the gateway's own cluster credential; scrubbed once sent
     "masking",  # secret values masked in every response shape, before anything records or audits it
+    "recording",  # per-session flows.mitm, HAR, exec asciicasts and index: masked, without credentials
     "audit",  # one audit.k8s.io Event per call, written before the response is released
 )
 
@@ -250,6 +252,8 @@ def _refuse_http(hook: str, flow: http.HTTPFlow, call, where: str) -> None:
 AFTER_FAILURE: dict[str, frozenset[str] | None] = {
     "audit": None,
     "upstreamcredential": frozenset({"responseheaders", "error"}),
+    # A withheld response is the 500 Status by then, and dropped frames are never kept: safe to record.
+    "recording": frozenset({"response", "error", "websocket_end"}),
 }
 
 
@@ -346,6 +350,8 @@ def build_chain() -> list:
             steps.append(modules[name].SelfReview(service))
         elif name == "guardrails":
             steps.append(modules[name].Guardrails(service))  # files and decides operation approvals
+        elif name == "audit":
+            steps.append(modules[name].Audit(service))  # also writes the service's workflow events
         else:
             steps += modules[name].addons
     return steps

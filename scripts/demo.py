@@ -179,7 +179,7 @@ def main() -> int:
         gateway = subprocess.Popen(
             [str(BIN / "mitmdump"), "-s", str(REPO / "addons/gateway.py"), "--set", f"policy={policy}",
              "--set", f"confdir={certs}", "--set", f"audit_log={audit_log}",
-             "--set", f"grant_store={demo / 'jitgate.db'}",
+             "--set", f"grant_store={demo / 'jitgate.db'}", "--set", f"recordings={state / 'recordings'}",
              "--mode", f"regular@127.0.0.1:{ports[REGULAR]}",
              "--mode", f"reverse:{ENDPOINT}@127.0.0.1:{ports[REVERSE]}"],
             cwd=REPO, stdout=gateway_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -1,0 +1,78 @@
+"""The bytes of mitmproxy flow files (`-w`, `mitmweb -r`): a flow's state as a tnetstring.
+
+`dumps` writes exactly what mitmproxy's `tnetstring.dumps` (and so `mitmproxy.io.FlowWriter`) writes
+for the same state, dict items last-first as mitmproxy orders them, in about half the time: one
+call per value, no deque. `flow_bytes` puts a flow's state together with connection parts made once
+per connection. tests/test_recording_files.py checks both against mitmproxy's own writer.
+
+Plain Python (no mitmproxy).
+"""
+
+from __future__ import annotations
+
+
+def dumps(value) -> bytes:
+    kind = type(value)
+    if kind is bytes:
+        return b"%d:%s," % (len(value), value)
+    if kind is str:
+        data = value.encode()
+        return b"%d:%s;" % (len(data), data)
+    if value is None:
+        return b"0:~"
+    if kind is dict:
+        body = b"".join([dumps(k) + dumps(v) for k, v in reversed(value.items())])
+        return b"%d:%s}" % (len(body), body)
+    if kind is list or kind is tuple:
+        body = b"".join([dumps(v) for v in value])
+        return b"%d:%s]" % (len(body), body)
+    if kind is bool:
+        return b"4:true!" if value else b"5:false!"
+    if kind is int:
+        data = b"%d" % value
+        return b"%d:%s#" % (len(data), data)
+    if kind is float:
+        data = repr(value).encode()
+        return b"%d:%s^" % (len(data), data)
+    return _general(value)
+
+
+def _general(value) -> bytes:
+    """Subclasses of the plain types, in the order mitmproxy's tnetstring tests them."""
+    if value is True or value is False:
+        return dumps(bool(value))
+    if isinstance(value, int):
+        return dumps(int(value))
+    if isinstance(value, float):
+        return dumps(float(value))
+    if isinstance(value, bytes):
+        return dumps(bytes(value))
+    if isinstance(value, str):
+        return dumps(value.encode().decode())
+    if isinstance(value, (list, tuple)):
+        return dumps(list(value))
+    if isinstance(value, dict):
+        return dumps(dict(value))
+    raise ValueError(f"unserializable object: {value!r} ({type(value)})")
+
+
+def flow_bytes(state: dict, parts: dict[str, bytes]) -> bytes:
+    """A flow state's tnetstring, with the values of `parts`' keys already serialized (the connections)."""
+    body = b"".join([dumps(k) + (parts[k] if k in parts else dumps(v)) for k, v in reversed(state.items())])
+    return b"%d:%s}" % (len(body), body)
+
+
+def complete_length(read, size: int) -> int:
+    """The length of the complete flows at the start of a flow file of `size` bytes (`read(n, offset)`
+    reads it): where a write cut short by a kill left part of one, the rest is to be dropped."""
+    pos = 0
+    while pos < size:
+        head = read(21, pos)
+        colon = head.find(b":")
+        if colon <= 0 or not head[:colon].isdigit():
+            return pos
+        end = pos + colon + 1 + int(head[:colon])
+        if end >= size or read(1, end) != b"}":
+            return pos
+        pos = end + 1
+    return pos

@@ -1,0 +1,156 @@
+"""The recordings index: one SQLite file (`index.db`, WAL) in the recordings folder.
+
+`sessions` has one row per session folder, `calls` one row per recorded call (time, auditID, user,
+cluster, verb, resource, namespace, name, status code, decision, rule and grant, the exec cast).
+The gateway inserts a call when it is recorded, in its own transaction (after a SIGKILL every
+completed call is there); the CLI reads it beside the running gateway. Deleting a session
+(retention) deletes its rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from jitgate.recording.sessions import SessionRef
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, user TEXT NOT NULL, grant_id TEXT NOT NULL,
+    rule TEXT NOT NULL, cluster TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY, session TEXT NOT NULL, time REAL NOT NULL, audit_id TEXT NOT NULL,
+    user TEXT NOT NULL, cluster TEXT NOT NULL, verb TEXT NOT NULL, api_group TEXT NOT NULL,
+    resource TEXT NOT NULL, subresource TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    path TEXT NOT NULL, code INTEGER NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
+    rule TEXT NOT NULL, grant_id TEXT NOT NULL, duration_ms REAL NOT NULL, cast_file TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_by_session ON calls (session, time);
+"""
+
+CALL_COLUMNS = ("session", "time", "audit_id", "user", "cluster", "verb", "api_group", "resource", "subresource",
+                "namespace", "name", "path", "code", "decision", "reason", "rule", "grant_id", "duration_ms", "cast_file")
+_SESSIONS = ("SELECT s.id, s.kind, s.user, s.grant_id, s.rule, s.cluster, s.created, min(c.time), max(c.time), "
+             "count(c.id), coalesce(sum(c.decision = 'deny'), 0), coalesce(sum(c.cast_file != ''), 0) "
+             "FROM sessions s LEFT JOIN calls c ON c.session = s.id")
+_INSERT_CALL = f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})"
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    id: str
+    kind: str
+    user: str
+    grant: str
+    rule: str
+    cluster: str
+    created: float
+    first: float | None
+    last: float | None
+    calls: int
+    denied: int
+    execs: int
+
+
+@dataclass(frozen=True)
+class Filters:
+    user: str = ""
+    cluster: str = ""
+    namespace: str = ""
+    grant: str = ""
+    decision: str = ""
+    since: float | None = None
+
+
+def call_row(session: str, record: dict, when: float, code: int, path: str, duration_ms: float, cast: str = "",
+             method: str = "") -> tuple:
+    """The index row of one call from its plain record (`Call.record()`); `method` stands for the verb
+    of a call refused before its request attributes were read (a CONNECT to a host that is no cluster)."""
+    request = record.get("request") or {}
+    return (
+        session, when, record.get("auditID", ""), (record.get("user") or {}).get("username", ""),
+        record.get("cluster", ""), request.get("verb", "") or method, request.get("apiGroup", ""), request.get("resource", ""),
+        request.get("subresource", ""), request.get("namespace", ""), request.get("name", ""), path, code,
+        record.get("decision", "none"), (record.get("reason") or "")[:1000], record.get("rule", ""),
+        record.get("grant", ""), round(duration_ms, 3), cast,
+    )
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # a committed call survives the process being killed
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes (the gateway) -----------------------------------------------------------------
+
+    def add_session(self, ref: SessionRef, created: float) -> None:
+        self.db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (ref.id, ref.kind, ref.user, ref.grant, ref.rule, ref.cluster, created))
+
+    def add_call(self, row: tuple) -> None:
+        self.db.execute(_INSERT_CALL, row)
+
+    def delete_session(self, session_id: str) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM calls WHERE session = ?", (session_id,))
+            self.db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # -- reads (the CLI, retention) -----------------------------------------------------------
+
+    def session_user(self, session_id: str) -> str | None:
+        row = self.db.execute("SELECT user FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return row[0] if row else None
+
+    def sessions(self, filters: Filters = Filters()) -> list[SessionRow]:  # noqa: B008 - frozen
+        where, args = [], []
+        if filters.user:
+            where.append("(s.user = ? OR s.user LIKE ? ESCAPE '\\')")
+            args += [filters.user, _like_prefix(filters.user) + "@%"]
+        if filters.grant:
+            where.append("s.grant_id = ?")
+            args.append(filters.grant)
+        for column, value in (("cluster", filters.cluster), ("namespace", filters.namespace), ("decision", filters.decision)):
+            if value:
+                where.append(f"EXISTS (SELECT 1 FROM calls x WHERE x.session = s.id AND x.{column} = ?)")
+                args.append(value)
+        query = _SESSIONS
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " GROUP BY s.id"
+        if filters.since is not None:
+            query += " HAVING coalesce(max(c.time), s.created) >= ?"
+            args.append(filters.since)
+        query += " ORDER BY coalesce(max(c.time), s.created) DESC"
+        return [SessionRow(*row) for row in self.db.execute(query, args)]
+
+    def session(self, session_id: str) -> SessionRow | None:
+        row = self.db.execute(_SESSIONS + " WHERE s.id = ? GROUP BY s.id", (session_id,)).fetchone()
+        return SessionRow(*row) if row else None
+
+    def calls(self, session_id: str) -> list[dict]:
+        cursor = self.db.execute(f"SELECT {', '.join(CALL_COLUMNS)} FROM calls WHERE session = ? ORDER BY time, id",
+                                 (session_id,))
+        return [dict(zip(CALL_COLUMNS, row)) for row in cursor]
+
+    def session_ids(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT id FROM sessions")}
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
