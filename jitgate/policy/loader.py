@@ -81,7 +81,8 @@ POLICY = Section(
         Field("guardrails", ListOf(GUARDRAIL), "What nobody does without a second look, whatever their grant."),
     ),
 )
-SECTIONS = POLICY.keys
+# `mcp:` belongs to the MCP front (jitgate.policy.mcp, its own file); skipped here, so it may sit in policies/.
+SECTIONS = POLICY.keys + ("mcp",)
 
 
 def policy_json_schema() -> str:

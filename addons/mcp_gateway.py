@@ -1,0 +1,391 @@
+"""jitgate's MCP front: MCP servers that speak Streamable HTTP, behind OAuth, tool rules, masking and audit.
+
+    mitmdump -s addons/mcp_gateway.py --set mcp_policy=policies/mcp.yaml \\
+        --mode reverse:http://127.0.0.1:8000@9443
+
+One reverse-mode listener per MCP server (`mcp.servers[].upstream` names the target). This entry
+loads none of the Kubernetes chain. Per request (jitgate.mcp.front has the decisions):
+
+    requestheaders   resource metadata, path and method, Origin, bearer token (bound to the resource);
+                     the caller's Authorization never goes upstream (the front's own token may)
+    request          rate limit, strict JSON-RPC, protocol-generation headers, tool rules, audit line
+    responseheaders  SSE responses stream event by event (each event's message inspected)
+    response         JSON responses inspected whole; the exchange's last audit line
+    error            the exchange's failure, audited
+
+Flows read back with `-r` are not live and pass untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import weakref
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import human
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # a plain checkout without `pip install -e .`
+    sys.path.insert(0, str(HERE.parent))
+
+from jitgate.audit.log import AuditLog, AuditLogError
+from jitgate.mcp import protocol
+from jitgate.mcp.config import McpConfig, McpServer
+from jitgate.mcp.front import Exchange, Front
+from jitgate.mcp.messages import Unreadable
+from jitgate.mcp.ratelimit import parse_rate
+from jitgate.mcp.resource import HttpAnswer
+from jitgate.mcp.sse import EventSplitter, EventTooLarge, event_data, with_data
+from jitgate.policy.document import PolicyError
+from jitgate.policy.mcp import load_mcp_policy
+
+log = logging.getLogger("jitgate.mcp")
+
+METADATA_KEY = "jitgate-mcp"
+# Caller credentials that must never reach an MCP server, and the Origin the front has checked (a server's
+# own DNS-rebinding check, e.g. the Python SDK's on 127.0.0.1, would refuse every browser origin the policy allows).
+CALLER_HEADERS = ("authorization", "proxy-authorization", "cookie", "origin")
+
+
+def _answer(flow: http.HTTPFlow, answer: HttpAnswer) -> None:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+    flow.response = http.Response.make(answer.status, answer.body, headers)
+
+
+FAILED = "jitgate: internal error while checking this MCP message, so it is refused"
+
+
+def fail_closed(hook):
+    """mitmproxy logs an addon's exception and goes on with the flow: here a failure refuses instead."""
+    def refuse(flow: http.HTTPFlow) -> None:
+        log.exception("MCP front failed in %s", hook.__name__)
+        if hook.__name__ in ("requestheaders", "request"):
+            flow.request.stream = False
+            flow.response = http.Response.make(500, protocol.error_body(None, protocol.INTERNAL_ERROR, FAILED),
+                                               {"Content-Type": "application/json"})
+        elif flow.response is not None and not flow.response.stream and hook.__name__ == "response":
+            flow.response = http.Response.make(502, protocol.error_body(None, protocol.INTERNAL_ERROR, FAILED),
+                                               {"Content-Type": "application/json"})
+        elif flow.killable:
+            flow.kill()
+
+    if asyncio.iscoroutinefunction(hook):
+        async def guarded(self, flow: http.HTTPFlow) -> None:
+            try:
+                await hook(self, flow)
+            except Exception:  # noqa: BLE001 - any failure refuses the flow
+                refuse(flow)
+    else:
+        def guarded(self, flow: http.HTTPFlow) -> None:
+            try:
+                hook(self, flow)
+            except Exception:  # noqa: BLE001 - any failure refuses the flow
+                refuse(flow)
+    guarded.__name__ = hook.__name__
+    return guarded
+
+
+def _close_client(flow: http.HTTPFlow, reason: str) -> None:
+    """End the client connection soon (a stream that failed its checks must not stay open)."""
+    master = getattr(ctx, "master", None)
+    server = master.addons.get("proxyserver") if master else None
+    handler = server.connections.get(flow.client_conn.id) if server else None
+    transport = handler.transports.get(handler.client) if handler else None
+    if transport is not None and transport.handler is not None:
+        asyncio.get_running_loop().call_soon(transport.handler.cancel, reason)
+    elif flow.killable:
+        flow.kill()
+
+
+SCRUBBED = "Bearer [sent by jitgate, scrubbed]"
+
+
+def _scrub(flow: http.HTTPFlow) -> None:
+    """The front's own credential leaves the flow once sent: `-w` files, mitmweb and HAR never hold it."""
+    if "authorization" in flow.request.headers:
+        flow.request.headers["authorization"] = SCRUBBED
+
+
+class UpstreamToken:
+    """The front's own bearer token for one server, from a file, re-read when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+
+    def value(self) -> str:
+        st = os.stat(self.path)
+        if (st.st_mtime_ns, st.st_size) != self._stamp:
+            token = Path(self.path).read_text().strip()
+            if not token or any(c in token for c in "\r\n\0"):
+                raise OSError(f"{self.path} holds no usable token")
+            self._token, self._stamp = token, (st.st_mtime_ns, st.st_size)
+        return self._token
+
+
+class SseStream:
+    """`flow.response.stream` for `text/event-stream`: each event's message goes through the front."""
+
+    def __init__(self, front: Front, ex: Exchange, flow: http.HTTPFlow, status: int) -> None:
+        self.front, self.ex, self.flow, self.status = front, ex, flow, status
+        self.splitter = EventSplitter(front.max_body)
+        self.failed = False
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if self.failed:
+            return []
+        out: list[bytes] = []
+        try:
+            events = self.splitter.feed(chunk) if chunk else []
+            if not chunk:
+                rest = self.splitter.rest()
+                if rest.strip():
+                    events.append(rest)
+            for event in events:
+                data = event_data(event)
+                if data is None or not data.strip():
+                    out.append(event)  # comments, priming events with an id only
+                    continue
+                new = self.front.server_message(self.ex, data, self.status)
+                out.append(event if new is data else with_data(event, new))
+        except (EventTooLarge, Unreadable, AuditLogError) as e:
+            self.failed = True
+            log.error("MCP stream withheld (audit ID %s): %s", self.ex.audit_id, e)
+            self.ex.reason = f"stream withheld: {e}"
+            request_id = self.ex.message.id if self.ex.message and self.ex.message.kind == "request" else None
+            body = protocol.error_body(request_id, protocol.INTERNAL_ERROR,
+                                       f"jitgate: the server's stream could not be checked, so it ends here "
+                                       f"(audit ID {self.ex.audit_id})")
+            out.append(b"data: " + body + b"\n\n")
+            _close_client(self.flow, "jitgate: MCP stream withheld")
+        return out
+
+
+class McpFront:
+    """The MCP front as one addon (one object per hook walk: mitmproxy visits every addon per event)."""
+
+    def __init__(self) -> None:
+        self.front: Front | None = None
+        self.config: McpConfig | None = None
+        self.audit: AuditLog | None = None
+        self.tokens: dict[str, UpstreamToken] = {}
+        self.exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+
+    def load(self, loader) -> None:
+        loader.add_option("mcp_policy", str, "", "The MCP front's policy file (its `mcp:` section: servers, trusted "
+                          "issuers, allowed origins, tool rules, masking). Required; a mistake stops the start "
+                          "with file:line.")
+        loader.add_option("mcp_audit_log", str, "state/mcp-audit.log", "Audit JSON-lines file, one line per "
+                          "JSON-RPC message (0600, append-only), or - for stdout. A message that cannot be "
+                          "recorded is refused (503) or withheld.")
+        loader.add_option("mcp_audit_fsync", bool, False, "fsync the audit log after every line.")
+        loader.add_option("mcp_rate_limit", str, "", "Messages per identity, e.g. 10/s, 600/m or 5000/h "
+                          "(token bucket); empty: no limit. Over it: HTTP 429 with Retry-After.")
+        loader.add_option("mcp_rate_burst", int, 20, "Messages an identity may send at once before mcp_rate_limit "
+                          "applies (the bucket's size).")
+        loader.add_option("mcp_max_body", str, "4m", "Largest client message and largest server SSE event (k/m/g).")
+        loader.add_option("mcp_clock_skew", int, 60, "Seconds tolerated on the tokens' nbf/iat.")
+        loader.add_option("mcp_stream_idle_timeout", int, 3600, "Seconds a quiet SSE stream (GET, or a slow tool) "
+                          "may stay open; raises mitmproxy's tcp_timeout to it.")
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & {"mcp_policy", "mcp_audit_log", "mcp_audit_fsync", "mcp_rate_limit", "mcp_rate_burst",
+                          "mcp_max_body", "mcp_clock_skew", "mode"}:
+            return
+        opts = ctx.options
+        if not opts.mcp_policy:
+            raise exceptions.OptionsError("the MCP front needs a policy: --set mcp_policy=<file>")
+        try:
+            config = load_mcp_policy(opts.mcp_policy)
+        except PolicyError as e:
+            raise exceptions.OptionsError(f"MCP policy error: {e}") from None
+        try:
+            rate = parse_rate(opts.mcp_rate_limit)
+            max_body = human.parse_size(opts.mcp_max_body)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"mcp_rate_limit / mcp_max_body: {e}") from None
+        if opts.mcp_rate_burst < 1:
+            raise exceptions.OptionsError("mcp_rate_burst must be at least 1")
+        if not max_body or max_body < 1024:
+            raise exceptions.OptionsError("mcp_max_body must be at least 1k")
+        if opts.mcp_clock_skew < 0:
+            raise exceptions.OptionsError("mcp_clock_skew must be >= 0")
+        self._check_modes(config, opts.mode)
+        try:
+            audit = AuditLog(opts.mcp_audit_log, fsync=opts.mcp_audit_fsync)
+        except AuditLogError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if self.audit is not None:
+            self.audit.close()
+        self.audit, self.config = audit, config
+        self.front = Front(config, audit, rate, opts.mcp_rate_burst, opts.mcp_clock_skew, max_body)
+        self.tokens = {s.name: UpstreamToken(s.upstream_token_file) for s in config.servers if s.upstream_token_file}
+
+    @staticmethod
+    def _check_modes(config: McpConfig, modes: list[str]) -> None:
+        """Only reverse listeners, each to a server the policy describes: never an open proxy."""
+        for spec in modes:
+            mode = mode_specs.ProxyMode.parse(spec)
+            if not isinstance(mode, mode_specs.ReverseMode) or mode.scheme not in ("http", "https"):
+                raise exceptions.OptionsError(f"the MCP front serves --mode reverse:http(s)://<server>@<port> only, "
+                                              f"not {spec!r}")
+            if config.server_at(mode.scheme, *mode.address) is None:
+                raise exceptions.OptionsError(f"--mode {spec}: no server in mcp.servers has upstream "
+                                              f"{mode.scheme}://{mode.address[0]}:{mode.address[1]}")
+
+    def running(self) -> None:
+        if ctx.options.tcp_timeout < ctx.options.mcp_stream_idle_timeout:
+            ctx.options.update(tcp_timeout=ctx.options.mcp_stream_idle_timeout)
+
+    def done(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _server(self, flow: http.HTTPFlow) -> McpServer | None:
+        mode = flow.client_conn.proxy_mode
+        if not isinstance(mode, mode_specs.ReverseMode) or self.config is None:
+            return None
+        return self.config.server_at(mode.scheme, *mode.address)
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.live or flow.response is not None or self.front is None:
+            return
+        request = flow.request
+        server = self._server(flow)
+        if server is None:
+            _answer(flow, HttpAnswer(502, (), b"jitgate: no MCP server is configured for this listener"))
+            return
+        ex = Exchange(server, request.method, request.path, flow.client_conn.peername[0] if flow.client_conn.peername
+                      else "", session_id=request.headers.get("mcp-session-id"))
+        self.exchanges[flow] = ex
+        answer = (self.front.route(ex) or self.front.check_origin(ex, request.headers.get_all("origin"))
+                  or await self.front.authenticate(ex, request.headers.get_all("authorization")))
+        if answer is None and request.headers.get("content-encoding", "identity").lower() != "identity":
+            ex.reason = "compressed request body"
+            answer = HttpAnswer(415, (), b"jitgate: compressed request bodies are not accepted")
+        if answer is not None:
+            ex.answered = True
+            ex.decision = "allow" if answer.status == 200 else "deny"
+            _answer(flow, answer)
+            return
+        for name in CALLER_HEADERS:
+            request.headers.pop(name, None)
+        request.headers["Accept-Encoding"] = "identity"  # bodies must be readable, event by event
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = self.exchanges.get(flow)
+        if ex is None or ex.answered or flow.response is not None or self.front is None:
+            return
+        header_lines = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
+        body = flow.request.raw_content or b""
+        answer = self.front.admit(ex, body, header_lines)
+        flow.metadata[METADATA_KEY] = ex.record()
+        if answer is None:
+            answer = self._upstream_credential(flow, ex)
+        if answer is not None:
+            _answer(flow, answer)
+        elif body or flow.request.method == "POST":
+            # The server reads exactly the message that was judged (an HTTP/2 caller's body would otherwise
+            # be forwarded to an HTTP/1.1 server with neither Content-Length nor Transfer-Encoding).
+            flow.request.headers.pop("transfer-encoding", None)
+            flow.request.headers["content-length"] = str(len(body))
+
+    def _upstream_credential(self, flow: http.HTTPFlow, ex: Exchange) -> HttpAnswer | None:
+        """The front's own token for the server, added only to what is forwarded (and scrubbed once sent)."""
+        token = self.tokens.get(ex.server.name)
+        if token is None:
+            return None
+        try:
+            flow.request.headers["Authorization"] = f"Bearer {token.value()}"
+        except OSError as e:
+            log.error("upstream token of MCP server %s unreadable: %s", ex.server.name, e)
+            ex.answered, ex.decision, ex.reason = True, "deny", "upstream credential unavailable"
+            self.front.finish(ex, 503, error=ex.reason)  # the request's line said allowed: record the refusal
+            return HttpAnswer(503, (("Content-Type", "application/json"),), protocol.error_body(
+                None, protocol.GATEWAY_UNAVAILABLE, f"jitgate: no credential for MCP server {ex.server.name} "
+                f"(audit ID {ex.audit_id})"))
+        return None
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ex = self.exchanges.get(flow)
+        if ex is None or ex.answered or flow.response is None or self.front is None:
+            return
+        _scrub(flow)
+        response = flow.response
+        self.front.server_headers(ex, response.status_code, response.headers.get("mcp-session-id"))
+        if response.headers.get("content-type", "").split(";")[0].strip().lower() != "text/event-stream":
+            return  # JSON (and anything else) is read whole at `response`
+        if response.headers.get("content-encoding", "identity").lower() != "identity":
+            ex.reason = "compressed event stream"
+            response.stream = lambda chunk: b""
+            _close_client(flow, "jitgate: compressed MCP event stream")
+            return
+        response.stream = SseStream(self.front, ex, flow, response.status_code)
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        ex = self.exchanges.get(flow)
+        if ex is None or self.front is None or flow.response is None:
+            return
+        response = flow.response
+        if not ex.answered and not response.stream and response.raw_content:
+            content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type == "application/json":
+                self._json_response(flow, ex)
+            else:
+                self._other_response(flow, ex)
+        flow.metadata[METADATA_KEY] = ex.record()
+        self.front.finish(ex, flow.response.status_code)
+
+    def _other_response(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        """Neither JSON nor SSE (an error page, a server that mislabels its answer): masked as text, or
+        withheld when it is no text, so nothing reaches the caller unmasked."""
+        response = flow.response
+        text = response.get_text(strict=False)
+        if text is None:
+            ex.reason = "response withheld: a body that is neither JSON, SSE nor text"
+            flow.response = http.Response.make(502, protocol.error_body(
+                None, protocol.INTERNAL_ERROR, f"jitgate: the server's answer could not be checked, so it is "
+                f"withheld (audit ID {ex.audit_id})"), {"Content-Type": "application/json"})
+            return
+        masked, count = self.front.config.detectors.mask_text(text)
+        if count:
+            response.set_text(masked)
+
+    def _json_response(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        response = flow.response
+        try:
+            payload = response.get_content(strict=True)
+            new = self.front.server_message(ex, payload, response.status_code)
+            if new is not payload:
+                response.set_content(new)
+        except (ValueError, Unreadable, AuditLogError) as e:
+            log.error("MCP response withheld (audit ID %s): %s", ex.audit_id, e)
+            ex.reason = f"response withheld: {e}"
+            request_id = ex.message.id if ex.message and ex.message.kind == "request" else None
+            flow.response = http.Response.make(502, protocol.error_body(
+                request_id, protocol.INTERNAL_ERROR, f"jitgate: the server's answer could not be checked, so it is "
+                f"withheld (audit ID {ex.audit_id})"), {"Content-Type": "application/json"})
+
+    @fail_closed
+    def error(self, flow: http.HTTPFlow) -> None:
+        ex = self.exchanges.get(flow)
+        if ex is None or self.front is None:
+            return
+        _scrub(flow)
+        self.front.finish(ex, flow.response.status_code if flow.response else None,
+                          error=str(flow.error.msg if flow.error else "error"))
+
+
+addons = [McpFront()]
