@@ -511,6 +511,9 @@ class Recording:
         call = call_of(flow)
         record = call.record()
         ref = self.recorder.resolve(session_for(record, call.received))
+        # The call's audit event (written after this step) names its session, so does its record.
+        call.annotations["jitgate.dev/session"] = ref.id
+        record.setdefault("annotations", {})["jitgate.dev/session"] = ref.id
         state = flow_state(flow, self.connections.state)
         notes = self.prepare(state, flow, call, record)
         scrub_state(state, detected=self.tokens_detected and _masked(call))

@@ -146,6 +146,10 @@ def test_one_session_per_grant_and_the_hour_for_calls_without_one(recorded) -> N
     anonymous = [c for c in calls if c["session"] == f"anonymous-{hour}"]
     assert {c["code"] for c in anonymous} == {401, 403} and all(c["decision"] == "deny" and not c["user"] for c in anonymous)
     assert [c["path"] for c in anonymous if c["verb"] == "connect"] == ["evil.example.org:443"]
+    # Each call's completing audit event names the session it is recorded in.
+    completed = {e["auditID"]: e for e in env.gateway.audit_events() if e["stage"] == "ResponseComplete"}
+    for c in mine + denials:
+        assert completed[c["audit_id"]]["annotations"]["jitgate.dev/session"] == c["session"], c
     for folder in (env.recordings, env.recordings / session):
         assert folder.stat().st_mode & 0o777 == 0o700
     assert {p.stat().st_mode & 0o777 for p in env.recordings.rglob("*") if p.is_file()} == {0o600}
