@@ -37,8 +37,10 @@ from jitgate.audit.sinks import (
     parse_webhook_url,
 )
 from jitgate.chain.call import Call
-from jitgate.chain.flow import METADATA_KEY, call_of, refuse
+from jitgate.chain.flow import METADATA_KEY, call_of, current_policy, refuse
 from jitgate.kube.audit_event import build_event, name_from_body, new_audit_id, object_ref_from
+from jitgate.masking.detectors import DEFAULT_DETECTORS
+from jitgate.masking.targets import mask_command_query
 from jitgate.kube.status import status_body
 
 log = logging.getLogger("jitgate.audit")
@@ -53,6 +55,21 @@ SINK_OPTIONS = frozenset({
     "audit_sink_queue", "audit_spool_dir", "audit_spool_max", "audit_stdout", "audit_format",
 })
 SINK_CLOSE_TIMEOUT = 5.0  # seconds a stopping gateway spends sending what its sinks hold in memory
+
+
+def _request_uri(flow: http.HTTPFlow, info) -> str:
+    """The target as sent, but an exec/attach command through the masking detectors (no audit line
+    holds a secret typed on a command line)."""
+    if flow.request.method == "CONNECT":
+        return f"{flow.request.host}:{flow.request.port}"
+    path = flow.request.path
+    if info is not None and info.subresource in ("exec", "attach") and "command=" in path:
+        try:
+            detectors = current_policy().masking.detectors()
+        except exceptions.OptionsError:
+            detectors = DEFAULT_DETECTORS
+        path, _ = mask_command_query(path, detectors)
+    return path
 
 
 def _created_name(flow: http.HTTPFlow, info) -> str:
@@ -82,7 +99,7 @@ def event_for(flow: http.HTTPFlow, call: Call, stage: str, code: int | None, mes
     return build_event(
         audit_id=call.audit_id,
         stage=stage,
-        request_uri=flow.request.path if flow.request.method != "CONNECT" else f"{flow.request.host}:{flow.request.port}",
+        request_uri=_request_uri(flow, info),
         verb=info.verb if info else flow.request.method.lower(),
         user=user,
         source_ips=[peer[0]] if peer else [],

@@ -47,7 +47,9 @@ def take_bearer_token(request: http.Request) -> tuple[str | None, str | None]:
     Impersonate-* or authenticating-proxy header name). One pass over the raw header fields: this
     runs on every call, and each mitmproxy Headers lookup scans all fields again."""
     token = impersonation = None
-    credential_names = (b"authorization", b"proxy-authorization")
+    # Cookies too: kube-apiserver reads none, and a browser's or an auth proxy's session cookie is a
+    # credential of the caller's that must not reach the cluster (or its recordings).
+    credential_names = (b"authorization", b"proxy-authorization", b"cookie")
     found_credential = found_protocols = False
     for name, value in request.headers.fields:
         lname = name.lower()

@@ -36,7 +36,6 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from urllib.parse import quote, unquote
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import version as mitmproxy_version
@@ -64,6 +63,7 @@ from jitgate.recording.index import call_row  # noqa: E402
 from jitgate.recording.recorder import Recorder, RecordingsError, cast_name  # noqa: E402
 from jitgate.recording.retention import Deletion, Retention  # noqa: E402
 from jitgate.recording.scrub import scrub_bytes, scrub_state  # noqa: E402
+from jitgate.masking.targets import mask_command_query  # noqa: E402
 from jitgate.recording.sessions import SessionRef, session_for  # noqa: E402
 from jitgate.timefmt import parse_duration  # noqa: E402
 
@@ -659,18 +659,7 @@ class Recording:
 
     def mask_command_query(self, target: bytes) -> bytes:
         """`?command=...` values of an exec target, through the masking detectors."""
-        path, sep, query = target.partition(b"?")
-        if not sep:
-            return target
-        pairs = query.split(b"&")
-        for i, pair in enumerate(pairs):
-            key, eq, value = pair.partition(b"=")
-            if key == b"command" and eq:
-                text = unquote(value.decode("latin-1").replace("+", " "))
-                masked = self.masker.detectors.mask_text(text)[0]
-                if masked != text:
-                    pairs[i] = b"command=" + quote(masked, safe="").encode()
-        return path + b"?" + b"&".join(pairs)
-
+        masked, n = mask_command_query(target.decode("latin-1"), self.masker.detectors)
+        return masked.encode("latin-1") if n else target
 
 addons = [Recording()]

@@ -168,6 +168,12 @@ def test_exec_non_interactive_and_stdin(stack: Stack, kc: Path) -> None:
     assert echoed.stdout == "hello through the gateway\n"
     failed = run_kubectl(kc, "exec", "-n", "dev", "toolbox", "--", "sh", "-c", "exit 3")
     assert failed.returncode == 3
+    # A secret on the command line is masked in the audit event's requestURI (the command still ran).
+    typed = run_kubectl(kc, "exec", "-n", "dev", "toolbox", "--", "env", "DB_PASSWORD=cmdline-canary-5c1", "true")
+    assert typed.returncode == 0, typed.stderr
+    assert "cmdline-canary-5c1" not in stack.gateway.audit_path.read_text()
+    assert any("DB_PASSWORD%3D%5Bmasked%3Asecret-pair%5D" in e["requestURI"] for e in audit_for(
+        stack, lambda e: e.get("objectRef", {}).get("subresource") == "exec"))
     execs = audit_for(stack, lambda e: e.get("objectRef", {}).get("subresource") == "exec")
     assert execs and all(e["verb"] == "create" for e in execs), "an exec is never audited as a read"
     assert {e["stage"] for e in execs} >= {"ResponseStarted", "ResponseComplete"}
@@ -570,3 +576,17 @@ def test_exec_interactive_tty(stack: Stack, kc: Path) -> None:
         assert session.proc.wait(10) == 5
     finally:
         session.close()
+
+
+def test_caller_cookies_and_proxy_credentials_never_reach_the_cluster(stack: Stack, alice_token: str) -> None:
+    stack.dev.clear_seen()
+    code, _ = gateway_request(stack, "GET", "/api/v1/namespaces/dev/pods",
+                              {"Authorization": f"Bearer {alice_token}", "Cookie": "oauth2_proxy=session-cookie-7d1",
+                               "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0"})
+    assert code == 200
+    seen = [r for r in stack.dev.requests_seen() if r["path"].startswith("/api/v1/namespaces/dev/pods")]
+    assert seen
+    for record in seen:
+        names = {k.lower() for k in record["headers"]}
+        assert "cookie" not in names and "proxy-authorization" not in names, record["headers"]
+        assert "session-cookie-7d1" not in json.dumps(record)

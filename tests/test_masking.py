@@ -462,3 +462,14 @@ def test_detector_filters_agree_with_running_every_detector() -> None:
         assert got == _reference_mask(D, text), text
         hits += got[1] > 0
     assert hits > 500  # the corpus does exercise the detectors, not only the fast "no" path
+
+
+def test_exec_command_query_values_are_masked_and_the_rest_kept() -> None:
+    from jitgate.masking.targets import mask_command_query
+
+    target = "/api/v1/namespaces/dev/pods/p/exec?command=env&command=DB_PASSWORD%3Ds3cr3t-prod&command=true&stdout=true"
+    masked, n = mask_command_query(target, D)
+    assert n == 1 and "s3cr3t-prod" not in masked
+    assert masked.startswith("/api/v1/namespaces/dev/pods/p/exec?command=env&command=DB_PASSWORD%3D%5Bmasked%3Asecret-pair%5D")
+    assert masked.endswith("&command=true&stdout=true")
+    assert mask_command_query("/api/v1/namespaces/dev/pods/p/exec?command=ls", D) == ("/api/v1/namespaces/dev/pods/p/exec?command=ls", 0)
