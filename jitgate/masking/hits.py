@@ -222,8 +222,11 @@ def _skip_ws(body: bytes, pos: int) -> int:
 
 _SPECIAL = re.compile(rb'["{}\[\]]')
 # The rest of an env var taken from elsewhere, to its end: `,"valueFrom":{"secretKeyRef":{...}}}`.
-_ENV_FROM = re.compile(rb',"valueFrom":\{"(?:secretKeyRef|configMapKeyRef|fieldRef|resourceFieldRef)":\{'
-                       rb'(?:"(?:[^"\\]|\\.)*"|[^"{}\[\]])*\}\}\}')
+_ENV_FROM = re.compile(rb'[ \t\r\n]*,[ \t\r\n]*"valueFrom"[ \t\r\n]*:[ \t\r\n]*\{[ \t\r\n]*'
+                       rb'"(?:secretKeyRef|configMapKeyRef|fieldRef|resourceFieldRef)"[ \t\r\n]*:[ \t\r\n]*\{'
+                       rb'(?:"(?:[^"\\]|\\.)*"|[^"{}\[\]])*\}[ \t\r\n]*\}[ \t\r\n]*\}')
+# The start of an object whose first member is `name` (just before the name's value).
+_NAME_FIRST = re.compile(rb'\{[ \t\r\n]*"name"[ \t\r\n]*:[ \t\r\n]*$')
 _BACK_WINDOW = 8192  # bytes looked back for the start of an env var object; past it the walk decides
 
 
@@ -232,7 +235,7 @@ def _has_value(body: bytes, name_start: int, rev: list[bytes]) -> bool:
     non-empty string `value` (an env var `{"name": ..., "value": ...}`; one with `valueFrom` holds
     no value to mask). Members after the name are read forwards, those before it backwards."""
     name_end = _quote_after(body, name_start + 1) + 1
-    if body[max(0, name_start - 8):name_start] == b'{"name":' and _ENV_FROM.match(body, name_end):
+    if _NAME_FIRST.search(body, max(0, name_start - 32), name_start) and _ENV_FROM.match(body, name_end):
         return False  # kube's own shape: {"name": ..., "valueFrom": {"secretKeyRef": {...}}} and nothing else
     pos = name_end
     depth = 0
