@@ -111,7 +111,14 @@ def test_revoked_watch_exec_and_log_follow_say_why(env: Env, mode: str) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-    events = [e for e in ended_events(env, grant) if e["stage"] == "ResponseComplete"]
+    # An exec session's last event is written when the gateway closes it, a moment after the notice
+    # that ended kubectl: wait for it rather than race it.
+    deadline = time.monotonic() + 10
+    while True:
+        events = [e for e in ended_events(env, grant) if e["stage"] == "ResponseComplete"]
+        if {e["objectRef"].get("subresource", "") for e in events} >= {"", "exec", "log"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert {e["objectRef"].get("subresource", "") for e in events} >= {"", "exec", "log"}, events
     assert all(e["annotations"]["jitgate.dev/termination-notice"] == "sent" for e in events)
 
@@ -124,7 +131,12 @@ def test_in_proxy_mode_revoked_sessions_still_end(env: Env) -> None:
     assert shell.stdout.readline() == b"started\n"
     env.revoke(grant)
     assert finish(watch)[0] is not None and finish(shell)[0] != 0
-    events = [e for e in ended_events(env, grant) if e["stage"] == "ResponseComplete"]
+    deadline = time.monotonic() + 10
+    while True:  # the sessions' last events are written as the gateway closes them
+        events = [e for e in ended_events(env, grant) if e["stage"] == "ResponseComplete"]
+        if {e["objectRef"].get("subresource", "") for e in events} >= {"", "exec"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert {e["objectRef"].get("subresource", "") for e in events} >= {"", "exec"}
     assert all(e["annotations"]["jitgate.dev/termination-notice"].startswith("none") for e in events)
     assert "has crashed" not in env.gateway.log()
