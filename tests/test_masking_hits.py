@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import shutil
 
 import pytest
 
@@ -89,8 +90,12 @@ def _bodies(n: int, seed: int = 11):
     return [_dump(rng, _object(rng)) for _ in range(n)]
 
 
-@pytest.mark.skipif(c_string_hits is None, reason="the C scanner is not built")
+# The extension is optional only where no C compiler exists (pyproject: optional = true); where one
+# does, as on every machine the suite runs on here, a missing build is a failure, not a skip.
+@pytest.mark.skipif(c_string_hits is None and shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="no C compiler on this machine, so the optional C scanner could not be built")
 def test_the_c_scanner_and_its_python_twin_agree() -> None:
+    assert c_string_hits is not None, "a C compiler is here but jitgate.masking._scan was not built (pip install -e .)"
     scanner = HitScanner(Masker().detectors)
     bodies = _bodies(3000) + [b'"a\\\\"', b'{"k":"x\\"token\\"y"}', b'{"a" :  "token"}', b'["token"]', b'"token', b'{"x\\u0074oken":1}',
                               b'{"q\\\\":"key"}', b'{"a":{"b":[{"token":1}]}}', b'{"annotations":{"api-token":"v"}}']

@@ -29,7 +29,7 @@ from ruamel.yaml import YAML
 from jitgate.audit.checkpoint import CheckpointError, read_checkpoint
 from jitgate.audit.files import live_name, log_files, read_lines
 from jitgate.audit.verify import verify
-from jitgate.cli.main import _output_flag, _table
+from jitgate.cli.output import output_flag, table
 from jitgate.timefmt import parse_duration, rfc3339
 
 DEFAULT_LOG = "state/audit.log"  # the gateway's default audit_log, from the folder it runs in
@@ -292,7 +292,7 @@ class Printer:
         if not self.rows:
             print("No matching audit events.", file=sys.stderr)
         else:
-            _table([HEADER, *self.rows])
+            table([HEADER, *self.rows])
 
 
 # -- commands
@@ -447,7 +447,7 @@ def add_audit_commands(sub) -> None:
     audit.add_argument("-f", "--follow", action="store_true", help="keep printing new events (Ctrl-C ends)")
     audit.add_argument("--retries", action="store_true",
                        help="also show kubectl's automatic retries of a refused call (audited with jitgate.dev/retry-of)")
-    _output_flag(audit, "a table")
+    output_flag(audit, "a table")
     audit.set_defaults(func=cmd_audit)
 
     commands = audit.add_subparsers(dest="audit_command", metavar="{verify}")
@@ -463,5 +463,5 @@ def add_audit_commands(sub) -> None:
     check.add_argument("--store", metavar="PATH",
                        help="SQLite file with the chain checkpoint: the gateway's audit_chain_store or grant_store "
                             f"(default: {DEFAULT_STORES[0]}, else jitgate.db or audit-chain.db beside the log)")
-    _output_flag(check, "a summary")
+    output_flag(check, "a summary")
     check.set_defaults(func=cmd_verify)

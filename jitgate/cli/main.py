@@ -10,7 +10,6 @@ connection, TLS) or bad usage.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -18,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ruamel.yaml import YAML
 
 from jitgate.access.errors import InvalidRequest
 from jitgate.access.scope import Scope
@@ -29,6 +27,7 @@ from jitgate.cli.client import (
     load_connection,
     parse_time,
 )
+from jitgate.cli.output import dump, output_flag, table
 from jitgate.timefmt import format_duration
 
 if TYPE_CHECKING:
@@ -244,7 +243,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     scope = "reviewable" if args.reviewable else "all" if args.all else "mine"
     items = _client(args).list_requests(scope, args.state)
     if args.output:
-        _dump(args.output, {"items": items})
+        dump(args.output, {"items": items})
     elif not items:
         print("No access requests." if scope != "reviewable" else "No access requests waiting for your review.", file=sys.stderr)
     else:
@@ -253,7 +252,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for r in items:
             rows.append((r["id"], r["state"], r["requester"], r["scope"]["cluster"], _scope_or_operation(r),
                          _ago(r["created_at"], now), _expires(r, now), _approvals(r)))
-        _table(rows)
+        table(rows)
     return 0
 
 
@@ -263,7 +262,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     request_id = client.get_grant(args.id)["request_id"] if args.id.startswith("grant-") else args.id
     request = client.get_request(request_id)
     if args.output:
-        _dump(args.output, request)
+        dump(args.output, request)
     else:
         viewer = client.whoami()["username"] if request["state"] == "pending" else None
         sys.stdout.write(_request_text(request, time.time(), viewer))
@@ -293,7 +292,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def cmd_whoami(args: argparse.Namespace) -> int:
     me = _client(args).whoami()
     if args.output:
-        _dump(args.output, me)
+        dump(args.output, me)
         return 0
     now = time.time()
     lines = [f"Username: {me['username']}", f"Groups:   {', '.join(me['groups']) or '(none)'}", "Active grants:"]
@@ -312,7 +311,7 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 def cmd_grants(args: argparse.Namespace) -> int:
     items = _client(args).list_grants("all" if args.all else "mine", active=not args.history)
     if args.output:
-        _dump(args.output, {"items": items})
+        dump(args.output, {"items": items})
     elif not items:
         print("No active grants." if not args.history else "No grants.", file=sys.stderr)
     else:
@@ -336,7 +335,7 @@ def cmd_grants(args: argparse.Namespace) -> int:
                 state = g["state"] if g["state"] != "active" or g["active"] else "expired"
                 rows.append((g["id"], g["username"], g["scope"]["cluster"], _scope_short(g["scope"]), state,
                              _until(g["ends_at"], now) if state == "active" else "-", g["request_id"]))
-        _table(rows)
+        table(rows)
     return 0
 
 
@@ -345,28 +344,9 @@ def cmd_grants(args: argparse.Namespace) -> int:
 
 def _emit(args: argparse.Namespace, obj: dict, line) -> None:
     if args.output:
-        _dump(args.output, obj)
+        dump(args.output, obj)
     else:
         print(line(obj))
-
-
-def _dump(fmt: str, obj: Any) -> None:
-    if fmt == "id":  # for scripts: req=$(jitgate request ... -o id)
-        print(obj["id"] if isinstance(obj, dict) and "id" in obj else "\n".join(i["id"] for i in obj.get("items", ())))
-    elif fmt == "json":
-        print(json.dumps(obj, indent=2))
-    else:
-        out = io.StringIO()
-        yaml = YAML(typ="safe", pure=True)
-        yaml.default_flow_style = False
-        yaml.dump(obj, out)
-        sys.stdout.write(out.getvalue())
-
-
-def _table(rows: list[Sequence[str]]) -> None:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _describe(scope: dict) -> str:
@@ -530,11 +510,6 @@ def _connection_flags() -> argparse.ArgumentParser:
     return flags
 
 
-def _output_flag(parser: argparse.ArgumentParser, what: str = "human-readable text") -> None:
-    parser.add_argument("-o", "--output", choices=("json", "yaml", "id"),
-                        help=f"print the object as JSON or YAML, or only its id (default: {what})")
-
-
 def _add_access_commands(sub) -> None:
     conn = _connection_flags()
 
@@ -554,7 +529,7 @@ def _add_access_commands(sub) -> None:
     req.add_argument("--rule", help="file under this access rule (default: the first that fits)")
     req.add_argument("--wait", nargs="?", type=float, const=DEFAULT_WAIT, metavar="SECONDS",
                      help=f"wait for the decision (default {DEFAULT_WAIT:g}s); exit 0 only if approved")
-    _output_flag(req)
+    output_flag(req)
     req.set_defaults(func=cmd_request)
 
     ls = sub.add_parser("list", parents=[conn], help="list access requests (yours, or for you to review)")
@@ -562,12 +537,12 @@ def _add_access_commands(sub) -> None:
     which.add_argument("--reviewable", action="store_true", help="pending requests waiting for your review")
     which.add_argument("--all", action="store_true", help="every request you can see (yours and under rules you review)")
     ls.add_argument("--state", metavar="STATES", help="comma-separated: pending, approved, denied, expired, cancelled")
-    _output_flag(ls, "a table")
+    output_flag(ls, "a table")
     ls.set_defaults(func=cmd_list)
 
     show = sub.add_parser("show", parents=[conn], help="one request (or the request of a grant id) with its reviews, grant and history")
     show.add_argument("id", help="request id (req-...) or grant id (grant-...)")
-    _output_flag(show)
+    output_flag(show)
     show.set_defaults(func=cmd_show)
 
     for action, help_text, reason_help, required in (
@@ -578,23 +553,23 @@ def _add_access_commands(sub) -> None:
         p = sub.add_parser(action, parents=[conn], help=help_text)
         p.add_argument("id", help="request id (req-...)")
         p.add_argument("--reason", required=required, help=reason_help)
-        _output_flag(p)
+        output_flag(p)
         p.set_defaults(func=cmd_decide, action=action)
 
     revoke = sub.add_parser("revoke", parents=[conn], help="end an active grant now (yours, or under a rule you review)")
     revoke.add_argument("id", help="grant id (grant-...), or the id of the request that earned it (req-...)")
     revoke.add_argument("--reason", required=True, help="why (recorded and sent to the holder's notifications)")
-    _output_flag(revoke)
+    output_flag(revoke)
     revoke.set_defaults(func=cmd_revoke)
 
     who = sub.add_parser("whoami", parents=[conn], help="who the gateway takes you for, your active grants, what you may request")
-    _output_flag(who)
+    output_flag(who)
     who.set_defaults(func=cmd_whoami)
 
     grants = sub.add_parser("grants", parents=[conn], help="list grants (active ones by default)")
     grants.add_argument("--all", action="store_true", help="every grant you can see (yours and under rules you review)")
     grants.add_argument("--history", action="store_true", help="ended (expired and revoked) grants too")
-    _output_flag(grants, "a table")
+    output_flag(grants, "a table")
     grants.set_defaults(func=cmd_grants)
 
 
