@@ -161,21 +161,27 @@ class AuditLog:
                 self._partial = False
                 return Written(body)
             self._reopen_if_rotated()
-            data = b"\n" + line if self._partial else line
-            try:
-                written = os.write(self._fd, data)
-            except OSError as e:  # nothing was written
-                raise AuditLogError(f"cannot write audit log {self.path}: {e.strerror or e}") from e
-            if written != len(data):
-                self._partial = self._after_short_write(written)
-                raise AuditLogError(f"short write to audit log {self.path}")
-            self._partial = False
-            if self.fsync:
-                try:
-                    os.fsync(self._fd)
-                except OSError as e:
-                    raise AuditLogError(f"cannot flush audit log {self.path}: {e.strerror or e}") from e
+            self._append(b"\n" + line if self._partial else line)
+            self._flush()
         return Written(body)
+
+    def _append(self, data: bytes) -> None:
+        """One whole line (or a failure that leaves the file one event per line); lock held."""
+        try:
+            written = os.write(self._fd, data)
+        except OSError as e:  # nothing was written
+            raise AuditLogError(f"cannot write audit log {self.path}: {e.strerror or e}") from e
+        if written != len(data):
+            self._partial = self._after_short_write(written)
+            raise AuditLogError(f"short write to audit log {self.path}")
+        self._partial = False
+
+    def _flush(self) -> None:
+        if self.fsync:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise AuditLogError(f"cannot flush audit log {self.path}: {e.strerror or e}") from e
 
     # -- the chained path
 
@@ -196,20 +202,9 @@ class AuditLog:
                 line, head = chained_line(body, self._head)
                 data = b"\n" + line + b"\n" if self._partial else line + b"\n"
                 self._end = None  # unknown until the write is known to be whole
-                try:
-                    written = os.write(self._fd, data)
-                except OSError as e:  # nothing was written
-                    raise AuditLogError(f"cannot write audit log {self.path}: {e.strerror or e}") from e
-                if written != len(data):
-                    self._partial = self._after_short_write(written)
-                    raise AuditLogError(f"short write to audit log {self.path}")
-                self._partial = False
+                self._append(data)
                 self._head, self._end = head, size + len(data)
-                if self.fsync:
-                    try:
-                        os.fsync(self._fd)
-                    except OSError as e:
-                        raise AuditLogError(f"cannot flush audit log {self.path}: {e.strerror or e}") from e
+                self._flush()
             finally:
                 _unlock(self._fd)
             self._maybe_checkpoint()
