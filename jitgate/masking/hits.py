@@ -88,7 +88,6 @@ class HitScanner:
         pieces: list[bytes] = []
         done = 0
         count = 0
-        rev: list[bytes] = []
         # What a value comes to depends on its bytes and its key's: every pod repeats the same ones.
         seen: dict[tuple[bytes | None, bytes], tuple[bytes, int, bool] | None] = {}
         for start, end, is_key, key_start, key_end in hits:
@@ -106,7 +105,7 @@ class HitScanner:
                 raise NeedsWalk
             masked, n, env_name = outcome
             # A `name` that says secret decides by its neighbours: an env var with a value of its own.
-            if env_name and _has_value(body, start, rev):
+            if env_name and _has_value(body, start):
                 raise NeedsWalk
             if n:
                 pieces.append(body[done:start])
@@ -230,7 +229,7 @@ _NAME_FIRST = re.compile(rb'\{[ \t\r\n]*"name"[ \t\r\n]*:[ \t\r\n]*$')
 _BACK_WINDOW = 8192  # bytes looked back for the start of an env var object; past it the walk decides
 
 
-def _has_value(body: bytes, name_start: int, rev: list[bytes]) -> bool:
+def _has_value(body: bytes, name_start: int) -> bool:
     """Whether the object holding the `name` member whose value starts at `name_start` also has a
     non-empty string `value` (an env var `{"name": ..., "value": ...}`; one with `valueFrom` holds
     no value to mask). Members after the name are read forwards, those before it backwards."""
