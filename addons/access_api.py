@@ -18,7 +18,7 @@ from mitmproxy import http
 
 from jitgate.access.service import AccessService
 from jitgate.api.access_api import AccessAPI, audit_annotations, is_api_path
-from jitgate.chain.flow import call_of, refuse
+from jitgate.chain.flow import call_of, current_policy, refuse
 from jitgate.chain.service_host import AccessServiceHost
 from jitgate.store.sqlite import StoreError
 
@@ -52,8 +52,12 @@ class AccessAPIServer:
         if flow.request.method != "GET" and status < 400:
             # A change (an approval, a revocation): the very next call sees it, not the grant cache's copy.
             self.service.counter_checked = float("-inf")
-        call.annotations.update(audit_annotations(flow.request.method, flow.request.path, flow.request.raw_content or b"",
-                                                  status, body))
+        annotations = audit_annotations(flow.request.method, flow.request.path, flow.request.raw_content or b"", status, body)
+        if "jitgate.dev/api-reason" in annotations:
+            # A reason is free text a person typed: it goes through the detectors like any response text.
+            annotations["jitgate.dev/api-reason"] = current_policy().masking.detectors().mask_text(
+                annotations["jitgate.dev/api-reason"])[0]
+        call.annotations.update(annotations)
         if status < 400:
             call.allow("jitgate access API")
         else:
