@@ -291,6 +291,16 @@ def test_sessions_open_serves_mitmweb_with_a_password_and_refuses_replays(record
         assert len(stack.dev.requests_seen()) == before, "a replay from the viewer reached the cluster"
     finally:
         stop(proc)
+    # Ending the command (SIGTERM, as a closed terminal or `kill` does) ends the viewer it started.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _listening(port):
+        time.sleep(0.2)
+    assert not _listening(port), "mitmweb kept running after `jitgate sessions open` ended"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_no_canary_and_no_token_in_any_stored_byte(recorded, stack) -> None:

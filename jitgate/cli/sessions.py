@@ -18,6 +18,7 @@ import calendar
 import json
 import os
 import secrets
+import signal
 import shutil
 import socket
 import sqlite3
@@ -346,10 +347,22 @@ def cmd_open(args: argparse.Namespace) -> int:
     print(f"web password: {password}")
     print("Ctrl-C stops it.", flush=True)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def stop_viewer(signum, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    # A closed terminal (SIGHUP) or a `kill` (SIGTERM) must not leave the viewer running on its own.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_viewer)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(10)
         return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
