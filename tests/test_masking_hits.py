@@ -148,3 +148,34 @@ def test_a_pod_list_is_decided_from_the_hits_without_a_parse(monkeypatch) -> Non
     result = masker.mask_json(body)
     assert result.body == body and result.masked == 0 and not parsed
     assert hits_module._c_string_hits is None or masker.hits.string_hits is hits_module._c_string_hits
+
+
+@pytest.mark.skipif(c_string_hits is None, reason="the C scanner is not built (its test above says why)")
+def test_the_c_scanner_rebuilds_its_pair_table_for_other_literals() -> None:
+    # The table of pairs a literal can start with is kept between calls for the same literal tuples;
+    # other tuples (another policy, a test's own) must never be judged by a stale one.
+    body = b'{"A":"SeCrEt","b":"xq","c":"Pass","d":"k"}'
+    sets = [((b"secret",), ()), ((b"q",), (b"Pa",)), ((), (b"k",)), ((b"secret",), ()), ((b"x", b"pass"), ())]
+    for _ in range(3):
+        for lowered, exact in sets:
+            assert c_string_hits(body, lowered, exact, 64) == py_string_hits(body, lowered, exact, 64), (lowered, exact)
+    # Equal tuples that are other objects give the same answers too.
+    assert c_string_hits(body, tuple([b"sec" + b"ret"]), (), 64) == [(5, 12, 0, 1, 3)]
+
+
+def test_values_remembered_across_bodies_are_only_those_passed_unmasked() -> None:
+    masker = Masker()
+    secret = "postgres://app:" + "canary-pw-7781" + "@db:5432/app"
+    body = json.dumps({"kind": "PodList", "items": [
+        {"metadata": {"name": f"p{i}"}, "spec": {"containers": [{"image": "x", "args": ["--db", secret],
+                                                                  "volumeMounts": [{"mountPath": "/var/run/secrets/x"}]}]}}
+        for i in range(3)]}).encode()
+    for _ in range(3):  # the second and third pass use what the first remembered
+        result = masker.mask_json(body)
+        assert b"canary-pw-7781" not in result.body and result.masked == 3
+    remembered = masker.hits.clean
+    assert remembered and all(n == 0 for _, n, _ in remembered.values())
+    assert not any(b"canary-pw-7781" in raw for _, raw in remembered)
+    for i in range(hits_module.CLEAN_VALUES + 10):  # bounded: past the limit it starts over
+        masker.mask_json(json.dumps({"a": f"/var/run/secrets/{i}"}).encode())
+    assert 0 < len(masker.hits.clean) <= hits_module.CLEAN_VALUES

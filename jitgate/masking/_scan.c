@@ -112,16 +112,62 @@ static int load_literals(PyObject *seq, literal *out, int *count, const char *wh
     return 0;
 }
 
+/* Which byte pairs can start a literal, as a bitmap over (byte << 8 | next byte) of the body's raw
+ * bytes: a lowered literal's first two bytes in every case that lower() reads as them, an exact
+ * literal's as written, a one-byte literal's byte before any other. One lookup per byte of the body
+ * rejects nearly every position (JSON is full of the letters the literals start with, rarely of
+ * their pairs). Built once per pair of literal tuples: the caller passes the same ones every call,
+ * and a reference to each is kept so that their identity stays theirs. */
+static unsigned char pairs[65536 / 8];
+static PyObject *pairs_lowered, *pairs_exact;
+
+static void set_pair(unsigned first, unsigned second) {
+    unsigned v = first << 8 | second;
+    pairs[v >> 3] |= (unsigned char)(1 << (v & 7));
+}
+
+/* The bytes that lower() reads as `b` when `folds`, else `b` alone; their count. */
+static int variants(unsigned char b, int folds, unsigned char out[2]) {
+    if (!folds) { out[0] = b; return 1; }
+    if (b >= 'A' && b <= 'Z') return 0;  /* lower() never yields an upper-case letter */
+    out[0] = b;
+    if (b >= 'a' && b <= 'z') { out[1] = (unsigned char)(b - 32); return 2; }
+    return 1;
+}
+
+static void add_literals(const literal *lits, int count, int folds) {
+    for (int i = 0; i < count; i++) {
+        unsigned char first[2], second[2];
+        int n1 = variants(lits[i].bytes[0], folds, first);
+        for (int a = 0; a < n1; a++) {
+            if (lits[i].len == 1) {
+                for (unsigned next = 0; next < 256; next++) set_pair(first[a], next);
+                continue;
+            }
+            int n2 = variants(lits[i].bytes[1], folds, second);
+            for (int b = 0; b < n2; b++) set_pair(first[a], second[b]);
+        }
+    }
+}
+
+static void build_pairs(PyObject *lowered_seq, const literal *lowered, int n_lowered,
+                        PyObject *exact_seq, const literal *exact, int n_exact) {
+    if (lowered_seq == pairs_lowered && exact_seq == pairs_exact) return;
+    memset(pairs, 0, sizeof pairs);
+    add_literals(lowered, n_lowered, 1);
+    add_literals(exact, n_exact, 0);
+    Py_INCREF(lowered_seq);
+    Py_INCREF(exact_seq);
+    Py_XSETREF(pairs_lowered, lowered_seq);
+    Py_XSETREF(pairs_exact, exact_seq);
+}
+
 static PyObject *string_hits(PyObject *self, PyObject *args) {
     Py_buffer body;
     PyObject *lowered_seq, *exact_seq;
     Py_ssize_t max_strings;
     literal lowered[MAX_LITERALS], exact[MAX_LITERALS];
     int n_lowered = 0, n_exact = 0;
-    /* Which literals can start with a pair of bytes: one lookup per byte of the body rejects nearly
-     * every position (JSON is full of the letters the literals start with, rarely of their pairs). */
-    static unsigned char pair_lowered[65536 / 8], pair_exact[65536 / 8];
-    unsigned char single_lowered[256] = {0}, single_exact[256] = {0};
 
     if (!PyArg_ParseTuple(args, "y*O!O!n", &body, &PyTuple_Type, &lowered_seq, &PyTuple_Type, &exact_seq, &max_strings))
         return NULL;
@@ -129,16 +175,7 @@ static PyObject *string_hits(PyObject *self, PyObject *args) {
         PyBuffer_Release(&body);
         return NULL;
     }
-    memset(pair_lowered, 0, sizeof pair_lowered);
-    memset(pair_exact, 0, sizeof pair_exact);
-    for (int i = 0; i < n_lowered; i++) {
-        if (lowered[i].len == 1) single_lowered[lowered[i].bytes[0]] = 1;
-        else { unsigned v = (unsigned)lowered[i].bytes[0] << 8 | lowered[i].bytes[1]; pair_lowered[v >> 3] |= (unsigned char)(1 << (v & 7)); }
-    }
-    for (int i = 0; i < n_exact; i++) {
-        if (exact[i].len == 1) single_exact[exact[i].bytes[0]] = 1;
-        else { unsigned v = (unsigned)exact[i].bytes[0] << 8 | exact[i].bytes[1]; pair_exact[v >> 3] |= (unsigned char)(1 << (v & 7)); }
-    }
+    build_pairs(lowered_seq, lowered, n_lowered, exact_seq, exact, n_exact);
 
     const unsigned char *s = (const unsigned char *)body.buf;
     Py_ssize_t n = body.len;
@@ -153,27 +190,20 @@ static PyObject *string_hits(PyObject *self, PyObject *args) {
         if (b[1] == 'u') goto unreadable;  /* an escape pair: the next backslash starts after it */
     }
     for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned v = (unsigned)s[i] << 8 | (i + 1 < n ? s[i + 1] : 0);
+        if (!(pairs[v >> 3] >> (v & 7) & 1)) continue;
         unsigned char c = s[i], lc = lower(c);
         int hit = 0;
-        unsigned char next = i + 1 < n ? s[i + 1] : 0;
-        unsigned vl = (unsigned)lc << 8 | lower(next), ve = (unsigned)c << 8 | next;
-        int may_lowered = single_lowered[lc] || (pair_lowered[vl >> 3] >> (vl & 7) & 1);
-        int may_exact = single_exact[c] || (pair_exact[ve >> 3] >> (ve & 7) & 1);
-        if (!may_lowered && !may_exact) continue;
-        if (may_lowered) {
-            for (int k = 0; k < n_lowered && !hit; k++) {
-                const literal *lit = &lowered[k];
-                if (lit->bytes[0] != lc || i + lit->len > n) continue;
-                Py_ssize_t j = 1;
-                while (j < lit->len && lower(s[i + j]) == lit->bytes[j]) j++;
-                hit = j == lit->len;
-            }
+        for (int k = 0; k < n_lowered && !hit; k++) {
+            const literal *lit = &lowered[k];
+            if (lit->bytes[0] != lc || i + lit->len > n) continue;
+            Py_ssize_t j = 1;
+            while (j < lit->len && lower(s[i + j]) == lit->bytes[j]) j++;
+            hit = j == lit->len;
         }
-        if (!hit && may_exact) {
-            for (int k = 0; k < n_exact && !hit; k++) {
-                const literal *lit = &exact[k];
-                hit = lit->bytes[0] == c && i + lit->len <= n && memcmp(s + i, lit->bytes, (size_t)lit->len) == 0;
-            }
+        for (int k = 0; k < n_exact && !hit; k++) {
+            const literal *lit = &exact[k];
+            hit = lit->bytes[0] == c && i + lit->len <= n && memcmp(s + i, lit->bytes, (size_t)lit->len) == 0;
         }
         if (!hit) continue;
         Py_ssize_t start = quote_before(s, i), end = quote_after(s, n, i);

@@ -43,6 +43,9 @@ _WS = b" \t\r\n"
 QUOTE, BACKSLASH, COLON = 0x22, 0x5C, 0x3A
 # Past this many distinct strings with hits, the object walk is as cheap and simpler to trust.
 MAX_STRINGS = 4096
+# The unmasked values remembered across bodies (`HitScanner.clean`): how many, how long each.
+CLEAN_VALUES = 4096
+CLEAN_VALUE_MAX = 512
 _decode_string = json.JSONDecoder().decode
 _raw_decode = json.JSONDecoder().raw_decode
 _encode_string = json.JSONEncoder(ensure_ascii=False).encode
@@ -68,6 +71,10 @@ class HitScanner:
         self.lowered = tuple(lowered)
         self.exact = tuple(exact)
         self.string_hits = _c_string_hits if native and _c_string_hits is not None else py_string_hits
+        # Outcomes of values the detectors leave as they are, across bodies: a list returns the same
+        # container ids, mount paths and env names call after call. Only values that pass unmasked
+        # (what the client gets anyway) are kept, never one with a secret in it; bounded.
+        self.clean: dict[tuple[bytes | None, bytes], tuple[bytes, int, bool]] = {}
 
     def scan(self, body: bytes) -> tuple[bytes, int] | None:
         """(body with detected values masked, how many), or None when the object walk must decide."""
@@ -89,7 +96,7 @@ class HitScanner:
         done = 0
         count = 0
         # What a value comes to depends on its bytes and its key's: every pod repeats the same ones.
-        seen: dict[tuple[bytes | None, bytes], tuple[bytes, int, bool] | None] = {}
+        seen = self.clean
         for start, end, is_key, key_start, key_end in hits:
             if is_key:  # a key matters only as a name in a map the walk masks by name
                 if key_start >= 0 and body[key_start + 1:key_end] in _NAMED_MAPS and is_secret_name(_text(body[start + 1:end])):
@@ -97,12 +104,16 @@ class HitScanner:
                 continue
             raw_key = body[key_start + 1:key_end] if key_start >= 0 else None
             raw = body[start + 1:end]
-            outcome = seen.get((raw_key, raw), False)
-            if outcome is False:
-                key = raw_key if raw_key is None or BACKSLASH not in raw_key else _text(raw_key).encode()
-                outcome = seen[(raw_key, raw)] = self._value(raw, key)
+            outcome = seen.get((raw_key, raw))
             if outcome is None:
-                raise NeedsWalk
+                key = raw_key if raw_key is None or BACKSLASH not in raw_key else _text(raw_key).encode()
+                outcome = self._value(raw, key)
+                if outcome is None:
+                    raise NeedsWalk
+                if not outcome[1] and len(raw) <= CLEAN_VALUE_MAX:
+                    if len(seen) >= CLEAN_VALUES:
+                        seen.clear()
+                    seen[(raw_key, raw)] = outcome
             masked, n, env_name = outcome
             # A `name` that says secret decides by its neighbours: an env var with a value of its own.
             if env_name and _has_value(body, start):

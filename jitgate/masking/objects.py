@@ -69,14 +69,17 @@ class Masker:
     def mask_json(self, body: bytes, secrets: bool = False) -> Result:
         """One JSON body (object, list, Table, watch event); `secrets`: the call was on the secrets
         resource, so the objects are Secrets even without a `kind`. Raises MaskingError."""
-        if not body or body.isspace() or (not secrets and not self.needs_look(body)):
+        if not body or body.isspace():
             return Result(body, 0)
         if not secrets:
             # Most bodies with a secret word need no structure (a pod's `"path":"token"`): masked in
-            # place from where the words are, without a parse (jitgate/masking/hits.py).
+            # place from where the words are, without a parse (jitgate/masking/hits.py). The same
+            # pass finds no word at all in a body with nothing to mask.
             scanned = self.hits.scan(body)
             if scanned is not None:
                 return Result(*scanned)
+            if not self.needs_look(body):
+                return Result(body, 0)
         try:
             obj = _decode(body.decode("utf-8"))  # kube-apiserver writes UTF-8 JSON; anything else fails closed
         except (ValueError, UnicodeDecodeError) as e:
