@@ -63,7 +63,9 @@ BUILTIN: tuple[Detector, ...] = (
     Detector("bearer-token", r"(?i:bearer)\s+(?P<value>[A-Za-z0-9._~+/-]{12,}=*)",
              "Bearer tokens in Authorization-like text.", hints=("bearer",)),
     Detector("connection-string-password",
-             r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*+://[^\s:/@\"']++:(?P<value>[^\s@/\"']++)@",
+             # From the start of a run of scheme characters (no retry inside one: no backtracking),
+             # leading digits skipped: `54321postgres://` is a scheme after digits, as a URL parser reads it.
+             r"(?<![A-Za-z0-9+.-])[0-9+.-]*+[A-Za-z][A-Za-z0-9+.-]*+://[^\s:/@\"']++:(?P<value>[^\s@/\"']++)@",
              "Passwords in URLs and connection strings (postgres://user:password@host).", exact_hints=("://",),
              requires=("@",)),
     Detector("secret-pair",
@@ -203,6 +205,75 @@ def _min_width(pattern: str) -> int:
         return int(_parser.parse(pattern).getwidth()[0])
     except Exception:  # noqa: BLE001 - an unknown width only costs a search
         return 0
+
+
+# Shortest literal worth a hint: a shorter one is in nearly every body and spares nothing.
+MIN_HINT = 3
+
+
+def derived_hints(pattern: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Literals one of which is in every match of a policy's own pattern, as (hints, exact_hints):
+    `exk_[A-Za-z0-9]{32}` gives exact ("exk_",); `(?i)acme-(key|token)` gives hints ("acme-",).
+    With hints a custom detector joins the literal scans (a body without its literal is not parsed,
+    a string without it not searched) instead of sending every body through the object walk.
+
+    A literal counts only where the pattern must match it once in every match: a run of literal
+    characters in the top-level sequence, in a group or a repeat of at least one, or one per branch
+    of an alternation. Anything unusual (scoped flags, non-ASCII literals, a parser that changed)
+    counts as holding no literal, and a pattern without one gives no hints: the detector then runs on every string, as an unhinted one always did."""
+    try:
+        from re import _constants as c
+        from re import _parser  # the stdlib's own pattern parser (sre_parse)
+
+        parsed = _parser.parse(pattern)
+        flags = parsed.state.flags  # of them only IGNORECASE changes what a literal matches
+
+        def required(items) -> list[str] | None:
+            """Alternatives one of which every match of `items` (a sequence) holds; None: none known."""
+            best: list[str] | None = None
+            run: list[str] = []
+
+            def consider(found: list[str] | None) -> None:
+                nonlocal best
+                if found and all(len(x) >= MIN_HINT for x in found):
+                    if best is None or min(map(len, found)) > min(map(len, best)):
+                        best = found
+
+            for op, arg in items:
+                if op is c.LITERAL and arg < 0x80:
+                    run.append(chr(arg))
+                    continue
+                consider(["".join(run)] if run else None)
+                run = []
+                if op is c.SUBPATTERN:
+                    _group, add_flags, del_flags, sub = arg
+                    if add_flags or del_flags:
+                        raise ValueError("scoped flags")
+                    consider(required(sub))
+                elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT) and arg[0] >= 1:
+                    consider(required(arg[2]))
+                elif op is c.BRANCH:
+                    alternatives: list[str] = []
+                    for branch in arg[1]:
+                        found = required(branch)
+                        if found is None:
+                            alternatives = []
+                            break
+                        alternatives += found
+                    consider(alternatives or None)
+                # Anything else (a class, a lookaround, a back reference) holds no required literal.
+            consider(["".join(run)] if run else None)
+            return best
+
+        found = required(parsed)
+    except Exception:  # noqa: BLE001 - no hints only costs searches
+        return (), ()
+    if not found:
+        return (), ()
+    unique = tuple(sorted(set(found)))
+    if flags & c.SRE_FLAG_IGNORECASE:
+        return tuple(sorted({x.lower() for x in unique})), ()
+    return (), unique
 
 
 class _Prefilter:

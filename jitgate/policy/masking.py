@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jitgate.masking.detectors import BUILTIN, BUILTIN_NAMES, SECRET_WORDS, Detector, DetectorSet
+from jitgate.masking.detectors import BUILTIN, BUILTIN_NAMES, SECRET_WORDS, Detector, DetectorSet, derived_hints
 from jitgate.policy.schema import Field, ListOf, Number, Section, Str, Strings, Values, dataclass_default
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ def parse_masking(node: Node | None) -> MaskingPolicy:
     for item in v["detectors"]:
         if any(d.name == item["name"] for d in custom):
             raise item.error("name", f"detector {item['name']!r} is already defined")
-        custom.append(Detector(item["name"], item["pattern"], item["description"]))
+        hints, exact_hints = derived_hints(item["pattern"])
+        custom.append(Detector(item["name"], item["pattern"], item["description"], hints, exact_hints))
     timeout = v["partial_line_timeout"]
     if not 0 < timeout <= 5:
         raise v.error("partial_line_timeout", "must be more than 0 and at most 5 seconds (interactive output waits for it)")
