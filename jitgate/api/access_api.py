@@ -12,6 +12,10 @@ gateway. What a caller can see: their own requests and grants, and those under a
 review. Anything else is answered exactly like an id that does not exist, so ids of other people's
 requests do not leak.
 
+The `sessions` routes (recorded sessions: list, timeline, HAR, flow file, exec asciicasts) are
+answered by `jitgate.api.sessions_api.SessionViews` when the gateway keeps recordings; their
+downloads are `Download`s (bytes and a media type) rather than JSON.
+
 docs/openapi.yaml describes every route here (a test keeps the two in step).
 """
 
@@ -22,7 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 from urllib.parse import parse_qsl
 
@@ -53,6 +57,12 @@ def is_api_path(path: str) -> bool:
     return path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/")
 
 
+def is_sessions_path(path: str) -> bool:
+    """Whether a request target names the sessions routes (answered from the recordings, not the store)."""
+    path = path.partition("?")[0]
+    return path == API_PREFIX + "sessions" or path.startswith(API_PREFIX + "sessions/")
+
+
 class Notifications(Protocol):
     """`jitgate.notify.Notifier`, or anything forwarding to it."""
 
@@ -75,18 +85,20 @@ class Route:
     def path(self) -> str:
         return API_PREFIX + self.template
 
-    def match(self, segments: list[str]) -> tuple[bool, str | None]:
-        """Whether the path's segments fit the template, and its `{id}` segment."""
+    def match(self, segments: list[str]) -> tuple[bool, str | None, str | None]:
+        """Whether the path's segments fit the template, and its `{id}` and `{sub}` segments."""
         parts = self.template.split("/")
         if len(parts) != len(segments):
-            return False, None
-        ident = None
+            return False, None, None
+        ident = sub = None
         for part, segment in zip(parts, segments):
             if part == "{id}" and segment:
                 ident = segment
+            elif part == "{sub}" and segment:
+                sub = segment
             elif part != segment:
-                return False, None
-        return True, ident
+                return False, None, None
+        return True, ident, sub
 
 
 CREATE_FIELDS = frozenset({"cluster", "namespaces", "cluster_wide", "resources", "verbs", "reveal", "duration", "reason", "rule"})
@@ -104,6 +116,31 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "grants/{id}", "get_grant"),
     Route("POST", "grants/{id}/revoke", "revoke", body=REASON_FIELDS),
 )
+
+# Recorded sessions (jitgate.api.sessions_api): read-only, visible by the policy's `sessions:` section.
+SESSION_ROUTES: tuple[Route, ...] = (
+    Route("GET", "sessions", "list_sessions",
+          query=frozenset({"user", "cluster", "namespace", "grant", "decision", "since", "until", "limit"})),
+    Route("GET", "sessions/{id}", "get_session", query=frozenset({"limit", "offset"})),
+    Route("GET", "sessions/{id}/har", "get_session_har"),
+    Route("GET", "sessions/{id}/flows", "get_session_flows"),
+    Route("GET", "sessions/{id}/casts/{sub}", "get_session_cast"),
+)
+SESSION_ACTIONS = frozenset(r.action for r in SESSION_ROUTES)
+ALL_ROUTES = ROUTES + SESSION_ROUTES
+
+
+@dataclass(frozen=True)
+class Download:
+    """A recording served as it is stored (masked, without credentials), not as JSON."""
+
+    data: bytes = field(repr=False)
+    content_type: str
+    filename: str
+    session: str
+    owner: str  # the session's user ("" when anonymous)
+    visible_as: str  # why the caller may see it: owner, reviewer or auditor
+    kind: str  # har, flows or cast
 
 
 class Refused(Exception):
@@ -128,6 +165,7 @@ class ApiCall:
     query: Mapping[str, str]
     body: Mapping[str, Any]
     now: float
+    sub: str | None = None  # the `{sub}` segment (an exec's id under a session)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,14 +179,17 @@ class AccessAPI:
         rules_provider: Callable[[], Sequence[AccessRule]],
         notifier: Notifications | None = None,
         now: Callable[[], float] = time.time,
+        sessions: Any = None,  # jitgate.api.sessions_api.SessionViews: the gateway keeps recordings
     ) -> None:
         self.store = store
         self.rules_provider = rules_provider
         self.notifier = notifier
         self.now = now
+        self.sessions = sessions
 
-    def handle(self, method: str, target: str, body: bytes, identity: Principal | None, content_type: str | None) -> tuple[int, dict]:
-        """(HTTP status, JSON-able body) for one call; never raises."""
+    def handle(self, method: str, target: str, body: bytes, identity: Principal | None,
+               content_type: str | None) -> tuple[int, dict | Download]:
+        """(HTTP status, JSON-able body or a `Download`) for one call; never raises."""
         try:
             return self._handle(method.upper(), target, body or b"", identity, content_type)
         except Refused as e:
@@ -168,13 +209,18 @@ class AccessAPI:
         path, _, query_text = target.partition("?")
         if not is_api_path(path):
             raise Refused(404, f"{path} is not a path of the jitgate access API (it lives under {API_PREFIX})")
-        route, ident = _route(method, path)
+        route, ident, sub = _route(method, path)
         if identity is None:
             raise Refused(401, "no bearer token: the access API needs your OIDC ID token, as kubectl sends it")
         for name in (identity.username, *identity.groups):
             if name.startswith(_RESERVED_PREFIX):
                 raise Refused(403, f"the identity {name!r} uses the reserved \"system:\" prefix")
-        call = ApiCall(identity, ident, _query(route, query_text), _body(route, body, content_type), self.now())
+        call = ApiCall(identity, ident, _query(route, query_text), _body(route, body, content_type), self.now(), sub)
+        if route.action in SESSION_ACTIONS:
+            if self.sessions is None:
+                raise NotFound("this gateway keeps no session recordings (its recording step is not loaded or is a viewer), "
+                               "so it has no session to show")
+            return getattr(self.sessions, route.action)(call)
         return getattr(self, route.action)(call)
 
     @property
@@ -372,17 +418,22 @@ def grant_view(grant: Grant, now: float) -> dict[str, Any]:
     return data
 
 
-def audit_annotations(method: str, target: str, request_body: bytes, status_code: int, answer: dict) -> dict[str, str]:
+def audit_annotations(method: str, target: str, request_body: bytes, status_code: int, answer: dict | Download) -> dict[str, str]:
     """What an audit event of an access API call carries besides the call itself: the action, the
-    request or grant it acted on, its scope, the reason given, and the outcome. Plain strings, as
+    request or grant it acted on, its scope, the reason given, and the outcome (for sessions: which
+    session, whose, seen as owner, reviewer or auditor, what was exported). Plain strings, as
     audit.k8s.io annotations are; never raises (an unparseable call still gets its action)."""
     out: dict[str, str] = {}
     path = target.partition("?")[0]
     try:
-        route, ident = _route(method.upper(), path)
+        route, ident, _ = _route(method.upper(), path)
         out["jitgate.dev/api-action"] = route.action
     except Refused:
         route, ident = None, None
+    if route is not None and route.action in SESSION_ACTIONS:
+        from jitgate.api.sessions_api import session_annotations
+
+        return out | session_annotations(route.action, ident, status_code, answer)
     reason = None
     if request_body:
         try:
@@ -424,15 +475,15 @@ def audit_annotations(method: str, target: str, request_body: bytes, status_code
 # Parsing a call
 
 
-def _route(method: str, path: str) -> tuple[Route, str | None]:
+def _route(method: str, path: str) -> tuple[Route, str | None, str | None]:
     segments = path[len(API_PREFIX):].split("/") if path.startswith(API_PREFIX) else [""]
-    matched = [(route, ident) for route in ROUTES for fits, ident in [route.match(segments)] if fits]
+    matched = [(route, ident, sub) for route in ALL_ROUTES for fits, ident, sub in [route.match(segments)] if fits]
     if not matched:
         raise Refused(404, f"{path} is not a path of the jitgate access API")
-    for route, ident in matched:
+    for route, ident, sub in matched:
         if route.method == method:
-            return route, ident
-    allowed = ", ".join(sorted({route.method for route, _ in matched}))
+            return route, ident, sub
+    allowed = ", ".join(sorted({route.method for route, _, _ in matched}))
     raise Refused(405, f"method {method} is not allowed on {path} (allowed: {allowed})")
 
 
@@ -573,7 +624,7 @@ def _limit(query: Mapping[str, str]) -> int:
     text = query.get("limit")
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= MAX_LIMIT:
         _bad(f"query parameter 'limit' must be a number from 1 to {MAX_LIMIT}")
     return int(text)
 

@@ -28,6 +28,7 @@ from jitgate.policy.identity_providers import IDENTITY_PROVIDER, parse_identity_
 from jitgate.policy.masking import MASKING, MaskingPolicy, parse_masking
 from jitgate.policy.notifications import NOTIFICATIONS, parse_notifications
 from jitgate.policy.schema import Field, ListOf, Section, json_schema_text, markdown_reference
+from jitgate.policy.sessions import SESSIONS, SessionsPolicy, parse_sessions
 
 if TYPE_CHECKING:
     from jitgate.access.rules import AccessRule
@@ -46,6 +47,7 @@ class Policy:
     webhooks: tuple["Webhook", ...] = ()
     masking: MaskingPolicy = MaskingPolicy()
     guardrails: GuardrailIndex = field(default_factory=GuardrailIndex, repr=False)
+    sessions: SessionsPolicy = SessionsPolicy()
 
     def cluster_for(self, host: str, port: int) -> Cluster | None:
         return self.by_endpoint.get((host.lower(), port))
@@ -79,6 +81,7 @@ POLICY = Section(
         Field("notifications", NOTIFICATIONS, "Webhooks told about access requests and decisions."),
         Field("masking", MASKING, "Detectors of secret values in responses, besides Secrets' own values."),
         Field("guardrails", ListOf(GUARDRAIL), "What nobody does without a second look, whatever their grant."),
+        Field("sessions", SESSIONS, "Who sees which recorded session through the access API."),
     ),
 )
 # `mcp:` belongs to the MCP front (jitgate.policy.mcp, its own file); skipped here, so it may sit in policies/.
@@ -137,6 +140,7 @@ def load_policy(path: Path | str) -> Policy:
     webhooks: list = []
     guardrail_nodes: list[Node] = []
     masking: MaskingPolicy | None = None
+    sessions: SessionsPolicy | None = None
     files = policy_files(path)
     for file in files:
         root = Node(_read_file(file), file, "")
@@ -147,6 +151,10 @@ def load_policy(path: Path | str) -> Policy:
             if masking is not None:
                 raise root.error("masking", "the masking section is already defined in an earlier file")
             masking = parse_masking(root.child("masking"))
+        if root.child("sessions") is not None:
+            if sessions is not None:
+                raise root.error("sessions", "the sessions section is already defined in an earlier file")
+            sessions = parse_sessions(root.child("sessions"))
         guardrail_nodes.extend(root.children("guardrails"))
         for node in root.children("clusters"):
             cluster = parse_cluster(node)
@@ -177,7 +185,8 @@ def load_policy(path: Path | str) -> Policy:
         raise PolicyError(files[0], None, "identity_providers", "no identity provider is defined in any policy file")
     rules = parse_access_rules(rule_nodes, by_name)
     return Policy(tuple(clusters), tuple(issuers), tuple(files), by_endpoint, by_name, rules, tuple(webhooks),
-                  guardrails=parse_guardrails(guardrail_nodes), masking=masking or MaskingPolicy())
+                  guardrails=parse_guardrails(guardrail_nodes), masking=masking or MaskingPolicy(),
+                  sessions=sessions or SessionsPolicy())
 
 
 _cache_lock = threading.Lock()

@@ -3,8 +3,8 @@
 `sessions` has one row per session folder, `calls` one row per recorded call (time, auditID, user,
 cluster, verb, resource, namespace, name, status code, decision, rule and grant, the exec cast).
 The gateway inserts a call when it is recorded, in its own transaction (after a SIGKILL every
-completed call is there); the CLI reads it beside the running gateway. Deleting a session
-(retention) deletes its rows.
+completed call is there); the CLI and the access API's sessions routes read it beside the running
+gateway (each with a connection of its own). Deleting a session (retention) deletes its rows.
 """
 
 from __future__ import annotations
@@ -62,7 +62,18 @@ class Filters:
     namespace: str = ""
     grant: str = ""
     decision: str = ""
-    since: float | None = None
+    since: float | None = None  # active at or after (its last call)
+    until: float | None = None  # active at or before (its first call)
+
+
+@dataclass(frozen=True)
+class Visible:
+    """Which sessions a caller may see, as the index can tell: those of `user`, and the grant sessions
+    under `rules`; `everything` for an auditor. The caller checks each row again (jitgate.policy.sessions)."""
+
+    user: str = ""
+    rules: frozenset[str] = frozenset()
+    everything: bool = False
 
 
 def call_row(session: str, record: dict, when: float, code: int, path: str, duration_ms: float, cast: str = "",
@@ -117,8 +128,19 @@ class Index:
         row = self.db.execute("SELECT user FROM sessions WHERE id = ?", (session_id,)).fetchone()
         return row[0] if row else None
 
-    def sessions(self, filters: Filters = Filters()) -> list[SessionRow]:  # noqa: B008 - frozen
+    def sessions(self, filters: Filters = Filters(), visible: Visible | None = None,  # noqa: B008 - frozen
+                 limit: int | None = None) -> list[SessionRow]:
+        """Sessions matching `filters` (and, given `visible`, only those it allows), last active first."""
         where, args = [], []
+        if visible is not None and not visible.everything:
+            rules = sorted(visible.rules)
+            seen = ["s.user = ?"] if visible.user else []
+            if rules:
+                seen.append(f"(s.kind = 'grant' AND s.rule IN ({', '.join('?' * len(rules))}))")
+            if not seen:
+                return []
+            where.append("(" + " OR ".join(seen) + ")")
+            args += ([visible.user] if visible.user else []) + rules
         if filters.user:
             where.append("(s.user = ? OR s.user LIKE ? ESCAPE '\\')")
             args += [filters.user, _like_prefix(filters.user) + "@%"]
@@ -133,20 +155,36 @@ class Index:
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " GROUP BY s.id"
+        having = []
         if filters.since is not None:
-            query += " HAVING coalesce(max(c.time), s.created) >= ?"
+            having.append("coalesce(max(c.time), s.created) >= ?")
             args.append(filters.since)
-        query += " ORDER BY coalesce(max(c.time), s.created) DESC"
+        if filters.until is not None:
+            having.append("coalesce(min(c.time), s.created) <= ?")
+            args.append(filters.until)
+        if having:
+            query += " HAVING " + " AND ".join(having)
+        query += " ORDER BY coalesce(max(c.time), s.created) DESC, s.id"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
         return [SessionRow(*row) for row in self.db.execute(query, args)]
 
     def session(self, session_id: str) -> SessionRow | None:
         row = self.db.execute(_SESSIONS + " WHERE s.id = ? GROUP BY s.id", (session_id,)).fetchone()
         return SessionRow(*row) if row else None
 
-    def calls(self, session_id: str) -> list[dict]:
-        cursor = self.db.execute(f"SELECT {', '.join(CALL_COLUMNS)} FROM calls WHERE session = ? ORDER BY time, id",
-                                 (session_id,))
+    def calls(self, session_id: str, limit: int = -1, offset: int = 0) -> list[dict]:
+        """A session's calls in order (`limit` -1: all of them from `offset`)."""
+        cursor = self.db.execute(f"SELECT {', '.join(CALL_COLUMNS)} FROM calls WHERE session = ? ORDER BY time, id "
+                                 "LIMIT ? OFFSET ?", (session_id, limit, offset))
         return [dict(zip(CALL_COLUMNS, row)) for row in cursor]
+
+    def casts(self, session_id: str) -> list[str]:
+        """The exec/attach recordings (file names) the session's calls name, in order."""
+        cursor = self.db.execute("SELECT cast_file FROM calls WHERE session = ? AND cast_file != '' ORDER BY time, id",
+                                 (session_id,))
+        return [row[0] for row in cursor]
 
     def session_ids(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT id FROM sessions")}

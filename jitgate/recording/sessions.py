@@ -9,11 +9,14 @@ lower-case letters, digits and `-` only.
 
 from __future__ import annotations
 
+import calendar
 import functools
 import hashlib
 import re
 import time
 from dataclasses import dataclass
+
+from jitgate.timefmt import parse_duration
 
 ANONYMOUS = "anonymous"
 GRANT, HOUR = "grant", "hour"
@@ -65,3 +68,22 @@ def session_for(record: dict, when: float) -> SessionRef:
     if grant:
         return SessionRef(f"{user_slug}-{slug(grant, 64)}", GRANT, user, grant, record.get("rule") or "", cluster)
     return SessionRef(f"{user_slug}-{hour_of(when)}", HOUR, user, cluster=cluster)
+
+
+_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
+
+
+def parse_when(text: str, now: float) -> float:
+    """A moment for session filters: `2h`, `30m`, `7d` (that long before `now`), an RFC 3339 UTC time
+    (`2026-12-01T10:00:00Z`), or a date (`2026-12-01`, UTC midnight). Raises ValueError."""
+    text = text.strip()
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    for fmt in _TIME_FORMATS:
+        try:
+            return float(calendar.timegm(time.strptime(text.replace("z", "Z"), fmt)))
+        except ValueError:
+            continue
+    raise ValueError(f"invalid time {text!r}: write 2h, 7d, 2026-12-01 or 2026-12-01T10:00:00Z")
