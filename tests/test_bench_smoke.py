@@ -95,6 +95,27 @@ def test_headline_is_the_median_of_rounds_with_its_spread() -> None:
     assert (target["rounds"], target["rps"], target["rps_min"], target["rps_max"]) == (5, 700, 400, 738)
 
 
+def test_feature_cost_is_the_median_of_each_rounds_difference_in_points() -> None:
+    def run(target: str, rps: float, cpu: float) -> dict:
+        return {"target": target, "rps": rps, "cpu_s_per_1k": cpu}
+
+    rounds = [{"bare": run("bare", 200, 4.0), "gateway": run("gateway", 100, 8.0),
+               "without-masking": run("without-masking", 110, 7.0), "without-recording": run("without-recording", 130, 6.0)},
+              {"bare": run("bare", 100, 4.0), "gateway": run("gateway", 50, 8.0),
+               "without-masking": run("without-masking", 56, 7.5), "without-recording": run("without-recording", 50, 8.0)}]
+    costs = report.feature_costs(rounds, {"without-masking": "masking", "without-recording": "recording"},
+                                 mode="reverse", connections=10)
+    masking, recording = costs["rows"]
+    assert costs["ratio_full"] == 0.5 and costs["cpu_ratio_full"] == 0.5
+    # Throughput points per round: (110-100)/200 = 5, (56-50)/100 = 6; CPU-bound: 4/7-4/8 = 7.1, 4/7.5-4/8 = 3.3.
+    assert masking["points"] == pytest.approx(5.5) and masking["cpu_points"] == pytest.approx((400 / 7 - 50 + 400 / 7.5 - 50) / 2)
+    assert masking["met"] is False and masking["cpu_ms_per_request"] == pytest.approx(0.75)
+    assert recording["points"] == pytest.approx(7.5) and recording["cpu_points"] == pytest.approx((400 / 6 - 50) / 2)
+    assert recording["met"] is True  # 8.3 points: within its budget of 10
+    lines = report.feature_cost_lines(costs)
+    assert "masking" in lines[1] and "MISS" in lines[1] and "ok" in lines[2]
+
+
 def test_benchmark_end_to_end(tmp_path: Path) -> None:
     args = run.parse_args(["--quick", "--python-load", "--no-pin", "--duration", "1", "--rounds", "2",
                            "--out", str(tmp_path / "results")])
@@ -140,12 +161,19 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
         assert set(ratios) == {"SecretList 5000", "PodList 5000 (no secrets)", "watch 20000 events"} and all(r > 0 for r in ratios.values())
         assert len(parse_costs) == len(run.curves.PARSE_CASES) and all(us > 0 for *_, us in parse_costs)
 
+        # The gateway without masking and without recording, each checked to lack exactly that step.
+        bench.args.rounds = 1
+        costs = bench.feature_costs(connections=2)
+        assert [(r["step"], r["rounds"]) for r in costs["rows"]] == [("masking", 1), ("recording", 1)]
+        assert all(r["cpu_ms_per_request"] is not None and r["budget_points"] for r in costs["rows"])
+        assert not {"without-masking", "without-recording"} & set(bench.proxies)  # stopped after measuring
+
         watch = bench.watch_memory((5,), proxies=("gateway",))
         assert [(w["proxy"], w["failures"]) for w in watch] == [("jitgate gateway", [])]
         assert watch[0]["points"][0][0] == 5 and watch[0]["baseline_kb"] > 0
 
         results = {"runs": bench.runs, "steady_state": steady, "curves": curves, "parse_costs": parse_costs,
-                   "watches": watch, "gateway_log": bench.gateway_log_excerpt()}
+                   "watches": watch, "feature_costs": costs, "gateway_log": bench.gateway_log_excerpt()}
         results["meta"] = run.run_meta(args, started, os.getloadavg(), bench.pinning_description(), bench.notes, 1)
 
     with_plots = True  # matplotlib is a test dependency: the plots are part of what is checked
@@ -164,6 +192,7 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     assert ("⚠️" in row.group(0)) == (not report.headline(results)[0]["judged"])
     assert "jitgate (full chain)" in text and "### Masking throughput vs response size" in text and "watch 20000 events: " in text
     assert "Not yet measurable: no masking step" not in text
+    assert "## What each feature costs the full chain" in text and "| `masking` | 3 |" in text and "| `recording` | 10 |" in text
     assert json.loads((outdir / "results.json").read_text())["steady_state"]["oidc_calls"] == 0
     if with_plots:
         assert {"throughput.png", "latency.png", "curves.png"} <= {p.name for p in outdir.iterdir()}

@@ -74,8 +74,10 @@ class ProxyProcess:
 
     def __init__(self, name: str, workdir: Path, cluster_url: str, ca_file: Path, *,
                  policy: Path | None = None, env: dict[str, str] | None = None,
-                 cpus: Iterable[int] | None = None, extra_options: dict[str, str] | None = None) -> None:
+                 cpus: Iterable[int] | None = None, extra_options: dict[str, str] | None = None,
+                 script: Path = GATEWAY_SCRIPT) -> None:
         self.name = name
+        self.script = script  # the gateway's addon script (a benchmark variant of it for feature costs)
         self.workdir = workdir / name
         self.cluster_url = cluster_url
         self.policy = policy  # None: bare mitmdump, no addons
@@ -108,7 +110,7 @@ class ProxyProcess:
     def command(self) -> list[str]:
         cmd = [str(MITMDUMP)]
         if self.is_gateway:
-            cmd += ["-s", str(GATEWAY_SCRIPT)]
+            cmd += ["-s", str(self.script)]
         cmd += ["--mode", f"regular@127.0.0.1:{self.regular_port}",
                 "--mode", f"reverse:{self.cluster_url}@127.0.0.1:{self.reverse_port}"]
         for key, value in self.options.items():

@@ -21,6 +21,8 @@ WATCH_TARGET_KB = 64
 # Ratios of rounds that differ by more than this many percentage points say more about the machine's
 # load than about the gateway: such a row is flagged rather than given a verdict.
 SPREAD_LIMIT_POINTS = 10
+# Most a feature may take from the full chain's ratio against bare mitmdump, in points (issues #10, #11).
+FEATURE_BUDGET_POINTS = {"masking": 3, "recording": 10}
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -90,6 +92,55 @@ def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
                       "cpu_ratio": _median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios, default=None),
                       "cpu_ratio_max": max(cpu_ratios, default=None), "added_cpu_ms": _median(added_cpu)})
     return lines
+
+
+def feature_costs(rounds: list[dict[str, dict]], variants: dict[str, str], *, mode: str,
+                  connections: int) -> dict[str, Any]:
+    """Per left-out step: how many points of the ratio against bare mitmdump the full chain loses to
+    it. Each round ran bare, the full gateway and every variant; the round's cost is
+    ratio(variant) - ratio(full), in throughput and in CPU per request (the steadier one on a shared
+    machine); the medians over rounds are the verdict."""
+    rows = []
+    full_ratios, full_cpu_ratios = [], []
+    for run in rounds:
+        bare, full = run["bare"], run["gateway"]
+        if bare["rps"] and full["rps"]:
+            full_ratios.append(full["rps"] / bare["rps"])
+        if bare.get("cpu_s_per_1k") and full.get("cpu_s_per_1k"):
+            full_cpu_ratios.append(bare["cpu_s_per_1k"] / full["cpu_s_per_1k"])
+    for name, step in variants.items():
+        points, cpu_points, saved_ms, without = [], [], [], []
+        for run in rounds:
+            bare, full, variant = run["bare"], run["gateway"], run[name]
+            if bare["rps"] and full["rps"] and variant["rps"]:
+                without.append(variant["rps"] / bare["rps"])
+                points.append((variant["rps"] - full["rps"]) / bare["rps"] * 100)
+            b_cpu, f_cpu, v_cpu = bare.get("cpu_s_per_1k"), full.get("cpu_s_per_1k"), variant.get("cpu_s_per_1k")
+            if b_cpu and f_cpu and v_cpu:
+                cpu_points.append((b_cpu / v_cpu - b_cpu / f_cpu) * 100)
+                saved_ms.append(f_cpu - v_cpu)
+        budget = FEATURE_BUDGET_POINTS.get(step)
+        cpu_cost = _median(cpu_points)
+        rows.append({"step": step, "variant": name, "rounds": len(points), "budget_points": budget,
+                     "ratio_without": _median(without), "points": _median(points),
+                     "points_min": min(points, default=None), "points_max": max(points, default=None),
+                     "cpu_points": cpu_cost, "cpu_ms_per_request": _median(saved_ms),
+                     "met": None if budget is None or cpu_cost is None else cpu_cost <= budget})
+    return {"mode": mode, "connections": connections, "rounds": len(rounds), "ratio_full": _median(full_ratios),
+            "cpu_ratio_full": _median(full_cpu_ratios), "rows": rows, "runs": rounds}
+
+
+def feature_cost_lines(costs: dict[str, Any]) -> list[str]:
+    out = [f"What each step costs the full chain ({costs['mode']} keep-alive c={costs['connections']}, "
+           f"{costs['rounds']} rounds; full chain at {_percent(costs['ratio_full'])} of bare, CPU-bound "
+           f"{_percent(costs['cpu_ratio_full'])}):"]
+    for row in costs["rows"]:
+        verdict = "n/a" if row["met"] is None else ("ok" if row["met"] else "MISS")
+        out.append(f"  {row['step']:<10} {_fmt(row['cpu_points'])} points of the CPU-bound ratio "
+                   f"(budget {row['budget_points']}: {verdict}), {_fmt(row['points'])} of throughput "
+                   f"({_fmt(row['points_min'])} to {_fmt(row['points_max'])}), "
+                   f"{_fmt(row['cpu_ms_per_request'], 2)} ms CPU per request")
+    return out
 
 
 def _percent(value: float | None) -> str:
@@ -224,6 +275,25 @@ def markdown(results: dict[str, Any], image_prefix: str = "") -> str:
               f"in them: {_count(steady.get('audit_events'))}. Warm-up (before counting): "
               f"{steady.get('warmup_oidc_calls', 'n/a')} OIDC and {steady.get('warmup_sts_calls', 'n/a')} STS calls.")
     md.append("")
+
+    costs = results.get("feature_costs")
+    if costs:
+        md += ["## What each feature costs the full chain", ""]
+        md.append(f"{costs['mode'].capitalize()} mode, keep-alive, {costs['connections']} connections, "
+                  f"{costs['rounds']} rounds in which bare mitmdump, the full gateway and the gateway without one "
+                  f"step ran back to back (the order rotating). A step's cost is the ratio against bare mitmdump "
+                  f"without it minus the full chain's ratio, in points; the full chain ran at "
+                  f"{_percent(costs['ratio_full'])} of bare (CPU-bound {_percent(costs['cpu_ratio_full'])}).")
+        md.append("")
+        md.append(_table(["step", "budget, points", "cost, points of the CPU-bound ratio (median)",
+                          "cost, points of throughput (median)", "throughput points min–max",
+                          "CPU ms per request", "ratio without it", "verdict"], [
+            [f"`{row['step']}`", str(row["budget_points"]), _fmt(row["cpu_points"]), _fmt(row["points"]),
+             f"{_fmt(row['points_min'])} to {_fmt(row['points_max'])}", _fmt(row["cpu_ms_per_request"], 2),
+             _percent(row["ratio_without"]),
+             "n/a" if row["met"] is None else ("✅" if row["met"] else "❌")]
+            for row in costs["rows"]]))
+        md.append("")
 
     md += ["## Scaling curves", ""]
     for curve in results.get("curves", []):

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
@@ -65,6 +66,10 @@ CONCURRENCY = (1, 10, 50)
 PAIR = ("bare", "gateway")
 PHASE_PAUSE = 0.3  # lets closed connections drain between phases
 PROFILE_RATE = 400  # samples/s; --nonblocking, so the proxy is never paused
+# Steps whose cost the benchmark reports on their own (issue targets: masking ≤ 3 points of the full
+# chain's ratio against bare mitmdump, recording ≤ 10).
+FEATURE_STEPS = ("masking", "recording")
+VARIANT_SCRIPT = REPO / "scripts" / "bench" / "gateway_variant.py"
 
 
 class Bench:
@@ -351,6 +356,60 @@ class Bench:
                           "per_watch_kb": result.per_watch_kb(), "failures": result.failures[:3]})
         return found
 
+    def feature_costs(self, mode: str = "reverse", connections: int = 10) -> dict[str, Any]:
+        """What masking and recording each cost the full chain, in points of its ratio against bare
+        mitmdump: the gateway without the step (scripts/bench/gateway_variant.py) runs in the same
+        rounds as bare mitmdump and the full gateway, the order rotating from round to round."""
+        b = self.backends
+        policy = self.workdir / "policy.yaml"
+        variants = {f"without-{step}": step for step in FEATURE_STEPS}
+        for name, step in variants.items():
+            env = {**gateway_env(self.workdir), "JITGATE_BENCH_WITHOUT": step}
+            proxy = ProxyProcess(name, self.workdir, b.nginx.api_url, b.ca.cert_path, cpus=self.proxy_cpus,
+                                 policy=policy, env=env, script=VARIANT_SCRIPT)
+            self.stack.callback(proxy.stop)
+            self.proxies[name] = proxy.start()
+            self.grant_access(proxy)
+        self.check_variants(variants)
+        names = ("bare", "gateway", *variants)
+        _, run = self.generator(mode)
+        for name in names:  # connections and certificates of the new processes, before counting
+            run(self.target(name, mode), 2, 1, True, cpus=self.side_cpus)
+        self.log(f"bench: feature costs: {mode} keep-alive c={connections}, {self.args.rounds} rounds of "
+                 f"{', '.join(names)} ...")
+        rounds = []
+        for index in range(self.args.rounds):
+            order = names[index % len(names):] + names[:index % len(names)]
+            rounds.append({name: self.phase(mode, True, connections, name, index) for name in order})
+        for name in variants:
+            self.proxies.pop(name).stop()
+        return report.feature_costs(rounds, variants, mode=mode, connections=connections)
+
+    def check_variants(self, variants: dict[str, str]) -> None:
+        """Each variant lacks its step and only it: the one without masking answers the canned
+        Secrets unmasked (the full chain masks them), the one without recording writes no recording."""
+        def secrets(name: str) -> tuple[str, bytes]:
+            target = self.target(name, "reverse", bodies.SECRETS_PATH, verify=True)
+            context = ssl.create_default_context(cafile=str(target.ca_file))
+            request = urllib.request.Request(target.url, headers={"Authorization": f"Bearer {target.token}"})
+            with urllib.request.urlopen(request, context=context, timeout=10) as response:
+                return response.headers.get("X-Jitgate-Masked", ""), response.read()
+
+        for name, step in variants.items():
+            recordings = self.proxies[name].workdir / "state" / "recordings"
+            before = sorted(p.name for p in recordings.rglob("*")) if recordings.exists() else []
+            masked, body = secrets(name)
+            full_masked, full_body = secrets("gateway")
+            if not full_masked or full_body == body and step == "masking":
+                raise RuntimeError(f"{name}: the full chain and the variant answer Secrets alike")
+            if (step == "masking") == bool(masked):
+                raise RuntimeError(f"{name}: X-Jitgate-Masked is {masked!r}: the variant is not the chain without {step}")
+            after = sorted(p.name for p in recordings.rglob("*")) if recordings.exists() else []
+            if step == "recording" and after:
+                raise RuntimeError(f"{name}: recorded {after[:5]} with the recording step left out")
+            if step != "recording" and after == before:
+                raise RuntimeError(f"{name}: recorded nothing, but only {step} was left out")
+
     def stage(self, name: str, run: Callable[[], None]) -> None:
         try:
             run()
@@ -522,6 +581,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cluster credential from a token file instead of EKS via moto_server (no STS count)")
     parser.add_argument("--python-load", action="store_true", help="use the pure-Python load generator everywhere")
     parser.add_argument("--skip-curves", action="store_true", help="only the side-by-side load matrix")
+    parser.add_argument("--skip-features", action="store_true",
+                        help="no feature-cost rows (the gateway without masking, without recording)")
     parser.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default: results/)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -567,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
             def idle_watches() -> None:
                 results["watches"] = bench.watch_memory((10, 100) if args.quick else (10, 100, 1000))
 
+            def feature_costs() -> None:
+                results["feature_costs"] = bench.feature_costs()
+                print("\n".join(report.feature_cost_lines(results["feature_costs"])))
+
+            if not args.skip_features:
+                bench.stage("feature costs", feature_costs)
             if args.profile:
                 bench.stage("profile", profile)
             if not args.skip_curves:
