@@ -7,8 +7,10 @@ One reverse-mode listener per MCP server (`mcp.servers[].upstream` names the tar
 loads none of the Kubernetes chain. Per request (jitgate.mcp.front has the decisions):
 
     requestheaders   resource metadata, path and method, Origin, bearer token (bound to the resource);
-                     the caller's Authorization never goes upstream (the front's own token may)
-    request          rate limit, strict JSON-RPC, protocol-generation headers, tool rules, audit line
+                     the caller's Authorization never goes upstream (the front's own token, or the
+                     caller's identity as a token the front signs, may)
+    request          rate limit, strict JSON-RPC, protocol-generation headers, rules on tools, resources
+                     and prompts, audit line; a held call goes to the hold server (jitgate.mcp.hold)
     responseheaders  SSE responses stream event by event (each event's message inspected)
     response         JSON responses inspected whole; the exchange's last audit line
     error            the exchange's failure, audited
@@ -33,10 +35,17 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
+import hashlib
+
+from jitgate.access.errors import StoreError
+from jitgate.access.service import AccessService
 from jitgate.audit.log import AuditLog, AuditLogError
 from jitgate.mcp import protocol
+from jitgate.mcp.approval import Approvals, check_rules
 from jitgate.mcp.config import McpConfig, McpServer
+from jitgate.mcp.exchange import Exchanger
 from jitgate.mcp.front import Exchange, Front
+from jitgate.mcp.hold import HOLD_HEADER, HoldServer, Ticket
 from jitgate.mcp.messages import Unreadable
 from jitgate.mcp.ratelimit import parse_rate
 from jitgate.mcp.resource import HttpAnswer
@@ -49,7 +58,7 @@ log = logging.getLogger("jitgate.mcp")
 METADATA_KEY = "jitgate-mcp"
 # Caller credentials that must never reach an MCP server, and the Origin the front has checked (a server's
 # own DNS-rebinding check, e.g. the Python SDK's on 127.0.0.1, would refuse every browser origin the policy allows).
-CALLER_HEADERS = ("authorization", "proxy-authorization", "cookie", "origin")
+CALLER_HEADERS = ("authorization", "proxy-authorization", "cookie", "origin", HOLD_HEADER.lower())
 
 
 def _answer(flow: http.HTTPFlow, answer: HttpAnswer) -> None:
@@ -109,6 +118,8 @@ def _scrub(flow: http.HTTPFlow) -> None:
     """The front's own credential leaves the flow once sent: `-w` files, mitmweb and HAR never hold it."""
     if "authorization" in flow.request.headers:
         flow.request.headers["authorization"] = SCRUBBED
+    if HOLD_HEADER in flow.request.headers:
+        flow.request.headers[HOLD_HEADER] = "[scrubbed]"
 
 
 class UpstreamToken:
@@ -175,7 +186,11 @@ class McpFront:
         self.config: McpConfig | None = None
         self.audit: AuditLog | None = None
         self.tokens: dict[str, UpstreamToken] = {}
+        self.exchangers: dict[str, Exchanger] = {}
         self.exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+        # Held calls: the access service over the shared grant store, and the loopback server they wait in.
+        self.service: AccessService | None = None
+        self.hold_server: HoldServer | None = None
 
     def load(self, loader) -> None:
         loader.add_option("mcp_policy", str, "", "The MCP front's policy file (its `mcp:` section: servers, trusted "
@@ -193,10 +208,21 @@ class McpFront:
         loader.add_option("mcp_clock_skew", int, 60, "Seconds tolerated on the tokens' nbf/iat.")
         loader.add_option("mcp_stream_idle_timeout", int, 3600, "Seconds a quiet SSE stream (GET, or a slow tool) "
                           "may stay open; raises mitmproxy's tcp_timeout to it.")
+        loader.add_option("mcp_grant_store", str, "", "SQLite grant store where held calls become access requests "
+                          "(the Kubernetes gateway's grant_store: reviewers approve with `jitgate approve`, through "
+                          "either process). Needed by require-approval rules with `approval`; empty: such calls are "
+                          "refused.")
+        loader.add_option("mcp_access_policy", str, "", "The Kubernetes gateway's policy (file or folder, its `policy`): "
+                          "its access rules name the reviewers of held calls (rules' `approval.access_rule`).")
+        loader.add_option("mcp_hold_poll_interval_ms", int, 1000, "How often a held call re-reads its access request "
+                          "(ms); approvals made by another process are seen within it.")
+        loader.add_option("mcp_hold_keepalive", int, 10, "Seconds between the MCP progress notifications (or SSE "
+                          "comments, without a progressToken) a held call sends so clients do not time out; 0: none.")
 
     def configure(self, updated: set[str]) -> None:
         if not updated & {"mcp_policy", "mcp_audit_log", "mcp_audit_fsync", "mcp_rate_limit", "mcp_rate_burst",
-                          "mcp_max_body", "mcp_clock_skew", "mode"}:
+                          "mcp_max_body", "mcp_clock_skew", "mode", "mcp_grant_store", "mcp_access_policy",
+                          "mcp_hold_poll_interval_ms", "mcp_hold_keepalive"}:
             return
         opts = ctx.options
         if not opts.mcp_policy:
@@ -217,6 +243,13 @@ class McpFront:
         if opts.mcp_clock_skew < 0:
             raise exceptions.OptionsError("mcp_clock_skew must be >= 0")
         self._check_modes(config, opts.mode)
+        if opts.mcp_hold_poll_interval_ms < 10 or opts.mcp_hold_keepalive < 0:
+            raise exceptions.OptionsError("mcp_hold_poll_interval_ms must be >= 10 and mcp_hold_keepalive >= 0")
+        service = self._approval_service(config, opts)
+        try:
+            exchangers = {s.name: Exchanger(s, s.token_exchange) for s in config.servers if s.token_exchange}
+        except ValueError as e:
+            raise exceptions.OptionsError(f"token_exchange: {e}") from None
         try:
             audit = AuditLog(opts.mcp_audit_log, fsync=opts.mcp_audit_fsync)
         except AuditLogError as e:
@@ -224,8 +257,49 @@ class McpFront:
         if self.audit is not None:
             self.audit.close()
         self.audit, self.config = audit, config
-        self.front = Front(config, audit, rate, opts.mcp_rate_burst, opts.mcp_clock_skew, max_body)
+        self.front = Front(config, audit, rate, opts.mcp_rate_burst, opts.mcp_clock_skew, max_body,
+                           holds=service is not None)
         self.tokens = {s.name: UpstreamToken(s.upstream_token_file) for s in config.servers if s.upstream_token_file}
+        self.exchangers = exchangers
+        if service is not None:
+            old, self.service = self.service, service
+            approvals = Approvals(service, opts.mcp_hold_poll_interval_ms / 1000)
+            if self.hold_server is None:
+                self.hold_server = HoldServer(approvals, opts.mcp_hold_keepalive, opts.mcp_stream_idle_timeout)
+            else:
+                self.hold_server.approvals, self.hold_server.keepalive = approvals, opts.mcp_hold_keepalive
+            if old is not None and old is not service and old.store is not None:
+                old.store.close()
+        elif self.service is not None and self.service.store is not None:
+            self.service.store.close()
+            self.service = None
+
+    @staticmethod
+    def _approval_service(config: McpConfig, opts) -> AccessService | None:
+        """The access service over the shared grant store, when rules hold calls; None otherwise."""
+        holding = [r for r in config.rules if r.approval is not None]
+        if not opts.mcp_grant_store and not opts.mcp_access_policy:
+            return None  # require-approval rules refuse (-32011), as without `approval`
+        if not opts.mcp_grant_store or not opts.mcp_access_policy:
+            raise exceptions.OptionsError("held calls need both mcp_grant_store (the Kubernetes gateway's grant_store) "
+                                          "and mcp_access_policy (its policy)")
+        from jitgate.policy.loader import load_policy
+        from jitgate.store.sqlite import SQLiteStore
+
+        try:
+            policy = load_policy(opts.mcp_access_policy)
+        except PolicyError as e:
+            raise exceptions.OptionsError(f"mcp_access_policy: {e}") from None
+        problems = check_rules(holding, policy.access_rules)
+        if problems:
+            raise exceptions.OptionsError("MCP policy error: " + "; ".join(problems))
+        service = AccessService(SQLiteStore)
+        try:
+            service.open_store(opts.mcp_grant_store)
+        except StoreError as e:
+            raise exceptions.OptionsError(f"cannot open the grant store: {e}") from None
+        service.set_policy(policy.access_rules, policy.webhooks)
+        return service
 
     @staticmethod
     def _check_modes(config: McpConfig, modes: list[str]) -> None:
@@ -239,11 +313,19 @@ class McpFront:
                 raise exceptions.OptionsError(f"--mode {spec}: no server in mcp.servers has upstream "
                                               f"{mode.scheme}://{mode.address[0]}:{mode.address[1]}")
 
-    def running(self) -> None:
+    async def running(self) -> None:
         if ctx.options.tcp_timeout < ctx.options.mcp_stream_idle_timeout:
             ctx.options.update(tcp_timeout=ctx.options.mcp_stream_idle_timeout)
+        if self.service is not None:
+            self.service.start(asyncio.get_running_loop())
+        if self.hold_server is not None and self.hold_server.port is None:
+            await self.hold_server.start()
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        if self.hold_server is not None:
+            await self.hold_server.stop()
+        if self.service is not None:
+            await self.service.stop()
         if self.audit is not None:
             self.audit.close()
 
@@ -290,7 +372,9 @@ class McpFront:
         body = flow.request.raw_content or b""
         answer = self.front.admit(ex, body, header_lines)
         flow.metadata[METADATA_KEY] = ex.record()
-        if answer is None:
+        if answer is None and ex.held is not None:
+            answer = self._hold(flow, ex, body)
+        elif answer is None:
             answer = self._upstream_credential(flow, ex)
         if answer is not None:
             _answer(flow, answer)
@@ -300,13 +384,51 @@ class McpFront:
             flow.request.headers.pop("transfer-encoding", None)
             flow.request.headers["content-length"] = str(len(body))
 
-    def _upstream_credential(self, flow: http.HTTPFlow, ex: Exchange) -> HttpAnswer | None:
-        """The front's own token for the server, added only to what is forwarded (and scrubbed once sent)."""
+    def _credential(self, ex: Exchange) -> str | None:
+        """What the server gets as `Authorization: Bearer`: the front's own token, or the caller's identity
+        exchanged for a token the front signs, or nothing. Raises OSError when it cannot be had."""
         token = self.tokens.get(ex.server.name)
-        if token is None:
-            return None
+        if token is not None:
+            return token.value()
+        exchanger = self.exchangers.get(ex.server.name)
+        if exchanger is not None and ex.caller is not None:
+            try:
+                return exchanger.token(ex.caller.username, ex.caller.groups)
+            except Exception as e:  # noqa: BLE001 - a key that cannot sign: no credential, refused
+                raise OSError(f"token exchange failed: {e}") from None
+        return None
+
+    def _hold(self, flow: http.HTTPFlow, ex: Exchange, body: bytes) -> HttpAnswer | None:
+        """Send a held call to the hold server (it waits there, then goes to the real server once approved)."""
+        if self.hold_server is None or self.hold_server.port is None:
+            ex.answered, ex.decision, ex.reason = True, "deny", "hold server not running"
+            self.front.finish(ex, 503, error=ex.reason)
+            return HttpAnswer(503, (("Content-Type", "application/json"),), protocol.error_body(
+                ex.message.id if ex.message else None, protocol.GATEWAY_UNAVAILABLE,
+                f"jitgate: held calls cannot wait now (audit ID {ex.audit_id})"))
+        message = ex.message
+        meta = message.params.get("_meta") if message is not None and message.params is not None else None
+        progress = meta.get("progressToken") if isinstance(meta, dict) else None
+        server = ex.server
+        scheme, host, port = server.address
+        ticket = Ticket(ex, ex.held, f"{scheme}://{host}:{port}", hashlib.sha256(body).digest(), message.id,
+                        progress if isinstance(progress, (str, int)) and not isinstance(progress, bool) else None,
+                        "text/event-stream" in flow.request.headers.get("accept", "").lower(),
+                        lambda ex=ex: self._credential(ex))
+        request = flow.request
+        request.headers[HOLD_HEADER] = self.hold_server.register(ticket)
+        request.scheme, request.host, request.port = "http", "127.0.0.1", self.hold_server.port
+        request.headers.pop("transfer-encoding", None)
+        request.headers["content-length"] = str(len(body))
+        return None
+
+    def _upstream_credential(self, flow: http.HTTPFlow, ex: Exchange) -> HttpAnswer | None:
+        """The server's credential (`_credential`), added only to what is forwarded (and scrubbed once sent)."""
         try:
-            flow.request.headers["Authorization"] = f"Bearer {token.value()}"
+            token = self._credential(ex)
+            if token is None:
+                return None
+            flow.request.headers["Authorization"] = f"Bearer {token}"
         except OSError as e:
             log.error("upstream token of MCP server %s unreadable: %s", ex.server.name, e)
             ex.answered, ex.decision, ex.reason = True, "deny", "upstream credential unavailable"

@@ -9,7 +9,9 @@ Tools, as a Kubernetes MCP server would have them (nothing touches a cluster):
 `get_pod` (read-only), `delete_pod` (destructive), `exec` (a `command` argument), `get_credentials`
 (its output holds a fake AWS secret key, as text and as structuredContent), `tidy_cache` (claims
 `readOnlyHint: true` but says it deletes things: a server that lies), and `slow_count` (reports
-progress before it answers, so its result arrives over SSE after notifications).
+progress before it answers, so its result arrives over SSE after notifications). Resources
+`docs://public/readme`, `docs://secret/keys` (a fake AWS secret), `docs://internal/plan`; prompts
+`greet` and `drop_tables`.
 
 `--stateless` serves the stateless style (no sessions, JSON answers); without it the server keeps
 sessions (`Mcp-Session-Id`), answers over SSE and serves the standalone GET stream. Both styles also
@@ -190,6 +192,32 @@ def build_server() -> MCPServer:
                 await anyio.sleep(delay)
             await ctx.report_progress(i + 1, n, f"counted {i + 1}")
         return f"counted to {n}; the token was aws_secret_access_key={FAKE_AWS_SECRET}"
+
+    # Resources and prompts, for the rules on resources/read and prompts/get.
+    @server.resource("docs://public/readme")
+    def public_readme() -> str:
+        """A document anyone may read."""
+        return "how to run the service"
+
+    @server.resource("docs://secret/keys")
+    def secret_keys() -> str:
+        """Keys (only with a human's approval)."""
+        return f"aws_secret_access_key={FAKE_AWS_SECRET}"
+
+    @server.resource("docs://internal/plan")
+    def internal_plan() -> str:
+        """No rule names it: nobody reads it through the front."""
+        return "the internal plan"
+
+    @server.prompt()
+    def greet(name: str) -> str:
+        """Greet someone."""
+        return f"Say hello to {name}."
+
+    @server.prompt()
+    def drop_tables(database: str) -> str:
+        """A prompt nobody may get."""
+        return f"Drop every table of {database}."
 
     return server
 

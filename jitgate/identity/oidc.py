@@ -5,6 +5,14 @@ the token's `iss` selects the issuer configuration, keys come from the issuer's 
 and JWKS, `aud` must name one of the configured client IDs, the username comes from a claim with an
 optional prefix (`<issuer>#` by default unless the claim is `email`), groups from another claim.
 
+Token types (the JOSE header's `typ`): by default an issuer's tokens are ID tokens, and an OAuth access
+token (`typ: at+jwt`, RFC 9068) is refused, so an access token a client got for some other resource
+is never taken as proof of who the caller is. An issuer configured with `token_types` including
+`at+jwt` (the MCP front's authorization servers, and the front's own token exchange on the Kubernetes
+side) accepts access tokens; `token_types: [at+jwt]` alone accepts nothing else. An issuer may also
+name a local JWKS file instead of discovery (`jwks_file`): an issuer that is no web service, such as
+the MCP front's token exchange.
+
 Verification is on the per-request hot path, so a verified token's identity is cached (keyed by a
 hash of the token) until the token expires: steady state costs one hash and one dict lookup and
 never touches the identity provider. Nothing here logs or echoes a token or any part of it.
@@ -49,6 +57,16 @@ MAX_DOCUMENT_SIZE = 1024 * 1024
 FETCH_TIMEOUT = 5.0
 _LATEST_TIME = 253402300799  # 9999-12-31: bounds absurd (huge integer) expiry claims
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+ID_TOKEN_TYPE = "JWT"  # `typ` absent, `JWT`, or anything but at+jwt: how ID tokens come
+ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1 (also written `application/at+jwt`)
+TOKEN_TYPES = (ID_TOKEN_TYPE, ACCESS_TOKEN_TYPE)
+
+
+def token_type(typ: object) -> str:
+    """The kind of token a JOSE `typ` header names: ACCESS_TOKEN_TYPE or ID_TOKEN_TYPE."""
+    text = str(typ if typ is not None else "").lower()
+    text = text.removeprefix("application/")
+    return ACCESS_TOKEN_TYPE if text == ACCESS_TOKEN_TYPE else ID_TOKEN_TYPE
 
 
 class TokenError(Exception):
@@ -119,6 +137,10 @@ class IssuerConfig:
     """An unknown `kid` refetches the JWKS at most this often (forged kids cannot hammer the IdP)."""
     jwks_max_age: float = 3600.0
     """Keys are refetched after this long so keys the IdP has retired stop being trusted."""
+    token_types: tuple[str, ...] = (ID_TOKEN_TYPE,)
+    """Accepted kinds of token: `JWT` (ID tokens) and/or `at+jwt` (OAuth access tokens, RFC 9068)."""
+    jwks_file: str | None = None
+    """Keys from this local JWKS file instead of discovery (re-read like a fetched JWKS)."""
 
     def __post_init__(self) -> None:
         _https_url(self.issuer_url, "issuer_url")
@@ -147,6 +169,16 @@ class IssuerConfig:
             raise ValueError(f"ca_file: {self.ca_file!r} is not a readable file")
         if self.discovery_url is not None:
             _https_url(self.discovery_url, "discovery_url")
+        types = _string_tuple(self.token_types, "token_types")
+        for kind in types:
+            if kind not in TOKEN_TYPES:
+                raise ValueError(f"token_types: {kind!r} is not one of {', '.join(TOKEN_TYPES)}")
+        object.__setattr__(self, "token_types", tuple(dict.fromkeys(types)))
+        if self.jwks_file is not None:
+            if not (isinstance(self.jwks_file, str) and os.path.isfile(self.jwks_file)):
+                raise ValueError(f"jwks_file: {self.jwks_file!r} is not a readable file")
+            if self.discovery_url is not None:
+                raise ValueError("jwks_file: an issuer's keys come from a JWKS file or from discovery, not both")
         for name in ("jwks_min_refresh_interval", "jwks_max_age"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -426,8 +458,11 @@ class OIDCVerifier:
             raise TokenError(f"token algorithm {_quote(alg)} is not allowed")
         if "crit" in header:
             raise TokenError("token uses critical header extensions, which are not supported")
-        if str(header.get("typ", "")).lower() in ("at+jwt", "application/at+jwt"):
-            raise TokenError("token is an OAuth access token, not an ID token")
+        kind = token_type(header.get("typ"))
+        if kind not in issuer.config.token_types:
+            if kind == ACCESS_TOKEN_TYPE:
+                raise TokenError("token is an OAuth access token, not an ID token")
+            raise TokenError("token is not an OAuth access token (its JOSE header lacks typ at+jwt)")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenError("token is not a JWT")
@@ -442,7 +477,7 @@ class OIDCVerifier:
         claims = self._verified_payload(token, alg, candidates)
         if claims.get("iss") != iss:  # the verified bytes are the ones parsed; stay paranoid
             raise TokenError("token signature is invalid")
-        return self._identity(issuer.config, claims)
+        return self._identity(issuer.config, claims, kind)
 
     def _verified_payload(self, token: str, alg: str, candidates: list[_Key]) -> dict[str, Any]:
         for key in candidates:
@@ -457,7 +492,7 @@ class OIDCVerifier:
             return json.loads(decoded["payload"])
         raise TokenError("token signature is invalid")
 
-    def _identity(self, config: IssuerConfig, claims: dict[str, Any]) -> Identity:
+    def _identity(self, config: IssuerConfig, claims: dict[str, Any], kind: str = ID_TOKEN_TYPE) -> Identity:
         now = self._now()
         exp = claims.get("exp")
         if exp is None:
@@ -482,8 +517,10 @@ class OIDCVerifier:
             raise TokenError('token claim "aud" is not a string or a list of strings')
         if not any(a in config.audiences for a in audiences):
             raise TokenError(f"token audience {_quote(audiences)} is not accepted")
-        # OIDC Core 3.1.3.7: with several audiences the authorized party must be one of ours.
-        if len(audiences) > 1 and claims.get("azp") not in config.audiences:
+        # OIDC Core 3.1.3.7: with several audiences the authorized party must be one of ours (an access
+        # token names it `client_id`, RFC 9068 §2.2).
+        party = claims.get("azp", claims.get("client_id")) if kind == ACCESS_TOKEN_TYPE else claims.get("azp")
+        if len(audiences) > 1 and party not in config.audiences:
             raise TokenError("token has several audiences and its authorized party (azp) is not accepted")
 
         subject = claims.get("sub")
@@ -566,6 +603,19 @@ class OIDCVerifier:
     def _fetch_keys(self, issuer: _Issuer) -> None:
         config = issuer.config
         try:
+            if config.jwks_file is not None:
+                self._count("jwks_fetches")
+                try:
+                    with open(config.jwks_file, "rb") as f:
+                        data = f.read(MAX_DOCUMENT_SIZE + 1)
+                    if len(data) > MAX_DOCUMENT_SIZE:
+                        raise ValueError(f"larger than {MAX_DOCUMENT_SIZE} bytes")
+                    keys = parse_jwks(json.loads(data))
+                except (OSError, ValueError) as e:
+                    raise IssuerUnavailable(f"issuer unavailable: JWKS file {config.jwks_file} of "
+                                            f"{config.issuer_url}: {e}") from None
+                self._store_keys(issuer, keys)
+                return
             if issuer.jwks_uri is None:
                 self._count("discovery_fetches")
                 discovery = self._get_json(issuer, config.effective_discovery_url, "discovery document")
@@ -590,9 +640,12 @@ class OIDCVerifier:
             issuer.failed_at = self._now()
             issuer.failure = e.reason
             raise
+        self._store_keys(issuer, keys)
+
+    def _store_keys(self, issuer: _Issuer, keys: tuple[_Key, ...]) -> None:
         issuer.keyset = _KeySet(keys, self._now())
         issuer.failure = ""
-        logger.info("fetched %d signing key(s) of issuer %s", len(keys), config.issuer_url)
+        logger.info("fetched %d signing key(s) of issuer %s", len(keys), issuer.config.issuer_url)
 
     def _get_json(self, issuer: _Issuer, url: str, what: str) -> Any:
         # http.client rather than urllib: no redirects (a redirect could leave https) and no

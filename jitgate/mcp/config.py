@@ -29,6 +29,16 @@ def same_resource(a: str, b: str) -> bool:
 
 
 @dataclass(frozen=True)
+class TokenExchange:
+    """The caller's identity sent upstream as a short-lived token the front signs (jitgate.mcp.exchange)."""
+
+    issuer: str
+    audience: str
+    signing_key: str  # PEM private key file
+    lifetime: int = 300  # seconds
+
+
+@dataclass(frozen=True)
 class McpServer:
     """One MCP server behind the front, reached through one reverse-mode listener."""
 
@@ -43,6 +53,8 @@ class McpServer:
     """The front's own credential for this server (sent as `Authorization: Bearer`); never the caller's."""
     scopes: tuple[str, ...] = ()
     """Scopes every token must carry (its `scope` or `scp` claim); published as `scopes_supported`."""
+    token_exchange: TokenExchange | None = None
+    """Send the caller's identity as a token the front mints (never the caller's own token)."""
 
     @property
     def address(self) -> tuple[str, str, int]:

@@ -7,8 +7,10 @@ Per HTTP exchange (`Exchange`) the addon asks, in order:
 2. `check_origin`: a present, unlisted `Origin` is 403;
 3. `authenticate`: the bearer token, verified and bound to the server's resource, else 401;
 4. `admit` (request, with the body): rate limit (429), the message read strictly, the protocol
-   generation's header rules (400/-32020), the tool rules on `tools/call` (JSON-RPC error), then
-   the audit line (503 when it cannot be written, so nothing unrecorded reaches the server);
+   generation's header rules (400/-32020), the rules on `tools/call`, `resources/read` and
+   `prompts/get` (JSON-RPC error; or `ex.held` set: the addon sends the call to the hold server,
+   jitgate.mcp.hold, to wait for a human), then the audit line (503 when it cannot be written, so
+   nothing unrecorded reaches the server);
 5. `server_message` for each message the server sends (a JSON body, or each SSE event): tools/list
    filtering, masking, the audit line (AuditLogError when it cannot be written: the addon withholds);
 6. `finish` when the exchange ends: an audit line for what carried no JSON-RPC message (202, DELETE,
@@ -25,9 +27,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jitgate.access.model import Person
 from jitgate.audit.log import AuditLog, AuditLogError
 from jitgate.identity.oidc import IssuerUnavailable, OIDCVerifier, TokenError
 from jitgate.mcp import protocol
+from jitgate.mcp.approval import HeldCall
 from jitgate.mcp.audit import masked_arguments, message_event, new_audit_id
 from jitgate.mcp.config import WELL_KNOWN, McpConfig, McpServer
 from jitgate.mcp.messages import Inspected, ServerMessages, ToolCatalog, request_key
@@ -45,7 +49,15 @@ from jitgate.mcp.resource import (
     origin_problem,
     unauthorized,
 )
-from jitgate.mcp.rules import Action, Caller, ToolCall, decide
+from jitgate.mcp.rules import (
+    DEFAULT_ANNOTATIONS,
+    KIND_OF_METHOD,
+    Action,
+    Caller,
+    Kind,
+    ToolCall,
+    decide,
+)
 from jitgate.mcp.sessions import SessionBindings
 
 log = logging.getLogger("jitgate.mcp")
@@ -74,6 +86,8 @@ class Exchange:
     request_audited: bool = False
     server_messages: int = 0
     methods: dict[Any, str] = field(default_factory=dict)
+    held: HeldCall | None = None  # a require-approval call to hold for a human (the hold server does)
+    approval: dict[str, Any] | None = None  # the held call's access request: {request, state, approvers}
 
     @property
     def tool(self) -> str | None:
@@ -88,12 +102,12 @@ class Exchange:
         m = self.message
         return {"auditID": self.audit_id, "server": self.server.name, "caller": self.caller_record(),
                 "method": m.method if m else None, "tool": self.tool, "decision": self.decision,
-                "rule": self.rule, "reason": self.reason}
+                "rule": self.rule, "reason": self.reason, "approval": dict(self.approval) if self.approval else None}
 
 
 class Front:
     def __init__(self, config: McpConfig, audit: AuditLog, rate: float = 0.0, burst: int = 20,
-                 clock_skew: float = 60, max_body: int = 4 * 1024 * 1024) -> None:
+                 clock_skew: float = 60, max_body: int = 4 * 1024 * 1024, holds: bool = False) -> None:
         self.config = config
         self.audit = audit
         self.tokens = TokenChecker(OIDCVerifier(config.issuers, clock_skew=clock_skew))
@@ -102,6 +116,7 @@ class Front:
         self.buckets = TokenBuckets(rate, burst)
         self.sessions = SessionBindings()
         self.max_body = max_body
+        self.holds = holds  # an approval store is configured: require-approval rules with `approval` hold calls
 
     # -- request head ----------------------------------------------------------------------
 
@@ -194,23 +209,32 @@ class Front:
             return _rpc_error(e.status, e.request_id, e.code, e.message)
         if message.kind == "request":
             ex.methods[request_key(message.id)] = message.method or ""
-        if message.method != "tools/call":
+        kind = KIND_OF_METHOD.get(message.method or "") if message.kind == "request" else None
+        if kind is None:
             ex.decision = "allow"
             return None
         name = message.name
-        arguments = message.arguments
+        arguments = message.arguments if kind is not Kind.RESOURCE else None
         if not isinstance(name, str) or not name or (arguments is not None and not isinstance(arguments, dict)):
-            ex.decision, ex.reason = "deny", "malformed tools/call"
-            return _rpc_error(400, message.id, protocol.INVALID_PARAMS,
-                              "jitgate: tools/call needs params.name (a string) and params.arguments (an object)")
-        call = ToolCall(ex.caller, ex.server.name, name, arguments, self.catalog.annotations(ex.server, name))
+            ex.decision, ex.reason = "deny", f"malformed {message.method}"
+            what = "params.uri (a string)" if kind is Kind.RESOURCE else "params.name (a string) and params.arguments (an object)"
+            return _rpc_error(400, message.id, protocol.INVALID_PARAMS, f"jitgate: {message.method} needs {what}")
+        annotations = self.catalog.annotations(ex.server, name) if kind is Kind.TOOL else DEFAULT_ANNOTATIONS
+        call = ToolCall(ex.caller, ex.server.name, name, arguments, annotations, kind)
         decision = decide(self.config.rules, call, ex.server.trusted)
         ex.decision, ex.rule, ex.reason = decision.action.value, decision.rule, decision.message
         if decision.allowed:
             return None
+        if decision.approval is not None and self.holds:
+            rule = next(r for r in self.config.rules if r.name == decision.rule)
+            ex.held = HeldCall.of(Person(ex.caller.username, ex.caller.groups), ex.server.name, kind, name, arguments,
+                                  rule, self.config.detectors)
+            ex.reason = f"held for a human's approval under rule '{rule.name}'"
+            return None
         code = protocol.APPROVAL_REQUIRED if decision.action is Action.REQUIRE_APPROVAL else protocol.POLICY_DENIED
-        data = {"decision": decision.action.value, "rule": decision.rule, "server": ex.server.name, "tool": name,
+        data = {"decision": decision.action.value, "rule": decision.rule, "server": ex.server.name,
                 "auditID": ex.audit_id}
+        data[{Kind.TOOL: "tool", Kind.RESOURCE: "resource", Kind.PROMPT: "prompt"}[kind]] = name
         return HttpAnswer(200, JSON_HEADERS, error_body(message.id, code, decision.message, data))
 
     def _audit_request(self, ex: Exchange, status: int) -> None:
@@ -229,7 +253,8 @@ class Front:
             http={"method": ex.http_method, "path": ex.path, "status": status, "sourceIP": ex.source_ip},
             message=message, decision=ex.decision, rule=ex.rule, reason=ex.reason,
             duration_ms=(time.monotonic() - ex.started) * 1000 if ex.answered else None,
-            session_id=ex.session_id, protocol=ex.protocol, **extra))
+            session_id=ex.session_id, protocol=ex.protocol, held=ex.held.operation.summary if ex.held else None,
+            **extra))
         ex.request_audited = True
 
     # -- the server's messages -------------------------------------------------------------
@@ -256,7 +281,8 @@ class Front:
             http={"method": ex.http_method, "path": ex.path, "status": status, "sourceIP": ex.source_ip},
             message=message, decision=ex.decision or "allow", rule=ex.rule,
             duration_ms=(time.monotonic() - ex.started) * 1000, session_id=ex.session_id, protocol=ex.protocol,
-            tool=tool, isError=out.is_error or None, masked=out.masked, hiddenTools=out.hidden))
+            tool=tool, isError=out.is_error or None, masked=out.masked, hiddenTools=out.hidden,
+            approval=ex.approval if out.kind in ("response", "error") else None))
         ex.server_messages += 1
         return out.payload
 
@@ -273,7 +299,7 @@ class Front:
                 http={"method": ex.http_method, "path": ex.path, "status": status, "sourceIP": ex.source_ip},
                 message={"direction": "server-to-client"}, decision=ex.decision or ("deny" if ex.answered else "allow"),
                 rule=ex.rule, reason=error or ex.reason, duration_ms=(time.monotonic() - ex.started) * 1000,
-                session_id=ex.session_id, protocol=ex.protocol, messages=ex.server_messages))
+                session_id=ex.session_id, protocol=ex.protocol, messages=ex.server_messages, approval=ex.approval))
         except AuditLogError as e:
             log.error("audit log write failed at the end of exchange %s: %s", ex.audit_id, e)
 

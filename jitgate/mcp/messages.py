@@ -2,7 +2,9 @@
 
 - a `tools/list` result: the tools the caller may not call are removed, tools that need an
   approval are marked (`_meta["jitgate.dev/approval"] = "required"`); a trusted server's tool
-  annotations are learned first, for the decisions on later `tools/call`s;
+  annotations are learned first, for the decisions on later `tools/call`s; `resources/list` and
+  `prompts/list` results alike, by the resource and prompt rules (resource templates are listed as
+  they are: a template is no URI a rule can judge, and every read of one is judged);
 - every string of a result, an error or a server notification/request (tool results' text and
   `structuredContent`, resource contents, log messages...) passes through the masking detectors:
   secret values become `[masked:<detector>]`.
@@ -20,7 +22,14 @@ from typing import Any
 
 from jitgate.masking.detectors import DetectorSet
 from jitgate.mcp.config import McpServer
-from jitgate.mcp.rules import DEFAULT_ANNOTATIONS, Annotations, Caller, Rule, listing
+from jitgate.mcp.rules import (
+    DEFAULT_ANNOTATIONS,
+    Annotations,
+    Caller,
+    Kind,
+    Rule,
+    listing,
+)
 
 APPROVAL_META = "jitgate.dev/approval"
 MAX_TOOLS_PER_SERVER = 10000
@@ -138,6 +147,12 @@ class ServerMessages:
                 if out.method == "tools/list" or (out.method is None and isinstance(result.get("tools"), list)):
                     out.method = out.method or "tools/list"
                     changed = self._filter_tools(result, server, caller, out)
+                elif out.method == "resources/list" or (out.method is None and isinstance(result.get("resources"), list)):
+                    out.method = out.method or "resources/list"
+                    changed = self._filter(result, "resources", "uri", Kind.RESOURCE, server, caller, out)
+                elif out.method == "prompts/list" or (out.method is None and isinstance(result.get("prompts"), list)):
+                    out.method = out.method or "prompts/list"
+                    changed = self._filter(result, "prompts", "name", Kind.PROMPT, server, caller, out)
                 if isinstance(result.get("structuredContent"), (dict, list)):
                     out.masked += mask_secret_names(result["structuredContent"], self.detectors)
         else:
@@ -155,14 +170,22 @@ class ServerMessages:
         if not isinstance(tools, list):
             return False
         self.catalog.learn(server, tools)
+        return self._filter(result, "tools", "name", Kind.TOOL, server, caller, out)
+
+    def _filter(self, result: dict, key: str, name_key: str, kind: Kind, server: McpServer, caller: Caller,
+                out: Inspected) -> bool:
+        items = result.get(key)
+        if not isinstance(items, list):
+            return False
         kept = []
         changed = False
-        for tool in tools:
-            name = tool.get("name") if isinstance(tool, dict) else None
+        for tool in items:
+            name = tool.get(name_key) if isinstance(tool, dict) else None
             if not isinstance(name, str):
                 changed = True
                 continue
-            seen = listing(self.rules, caller, server.name, name, self.catalog.annotations(server, name))
+            annotations = self.catalog.annotations(server, name) if kind is Kind.TOOL else DEFAULT_ANNOTATIONS
+            seen = listing(self.rules, caller, server.name, name, annotations, kind)
             if not seen.visible:
                 out.hidden.append(name)
                 changed = True
@@ -172,7 +195,7 @@ class ServerMessages:
                 tool["_meta"] = {**meta, APPROVAL_META: "required"}
                 changed = True
             kept.append(tool)
-        result["tools"] = kept
+        result[key] = kept
         return changed
 
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from jitgate.identity.oidc import IssuerConfig
+from jitgate.identity.oidc import TOKEN_TYPES, IssuerConfig
 from jitgate.policy.document import Node
-from jitgate.policy.schema import Field, FilePath, Map, Section, Str, Strings, dataclass_default
+from jitgate.policy.schema import (
+    Field,
+    FilePath,
+    Map,
+    Section,
+    Str,
+    Strings,
+    dataclass_default,
+)
 
 
 def _default(name: str):
@@ -28,6 +36,12 @@ IDENTITY_PROVIDER = Section(
         Field("required_claims", Map(Str()), "Claims a token must carry, with exactly these string values."),
         Field("ca_file", FilePath(), "CA that verifies the issuer's TLS certificate; default: the system's."),
         Field("discovery_url", Str(), "Discovery document URL; default: `<issuer>/.well-known/openid-configuration`."),
+        Field("jwks_file", FilePath(), "The issuer's keys from this JWKS file instead of discovery (an issuer that is "
+              "no web service, e.g. the MCP front's token exchange); re-read like a fetched JWKS."),
+        Field("token_types", Strings(choices=TOKEN_TYPES, noun="token type"), "Kinds of token accepted (JOSE `typ`): "
+              "`JWT` (ID tokens) and `at+jwt` (OAuth access tokens, RFC 9068). List `at+jwt` only for an issuer whose "
+              "access tokens name this gateway in `aud` (the MCP front's token exchange): an access token minted for "
+              "another resource is never proof of who the caller is.", default=_default("token_types")),
     ),
 )
 
@@ -46,5 +60,7 @@ def parse_identity_provider(node: Node) -> IssuerConfig:
             algorithms=v["algorithms"],
             ca_file=str(v["ca_file"]) if v["ca_file"] else None,
             discovery_url=v["discovery_url"],
+            jwks_file=str(v["jwks_file"]) if v["jwks_file"] else None,
+            token_types=v["token_types"],
         )
     )

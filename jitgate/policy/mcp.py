@@ -4,7 +4,7 @@
       servers: [...]                # the MCP servers behind the front, one reverse-mode listener each
       authorization_servers: [...]  # trusted token issuers (identity-provider fields, without client_ids)
       allowed_origins: [...]        # browser origins allowed to call (absent Origin: always allowed)
-      rules: [...]                  # who may call which tool with which arguments
+      rules: [...]                  # who may call which tool, read which resource, get which prompt
       masking: {...}                # as the Kubernetes policy's `masking:`; default: the built-in detectors
 
 Every mistake stops the front with `file:line: field: message`, as the other sections do (the
@@ -19,16 +19,24 @@ from urllib.parse import urlsplit
 
 from jitgate.access.scope import RULE_NAME
 from jitgate.guardrails.rules import Pattern
-from jitgate.identity.oidc import IssuerConfig
-from jitgate.mcp.config import McpConfig, McpServer, upstream_address
-from jitgate.mcp.rules import HINT_DEFAULTS, Action, Rule
+from jitgate.identity.oidc import (
+    ACCESS_TOKEN_TYPE,
+    ID_TOKEN_TYPE,
+    TOKEN_TYPES,
+    IssuerConfig,
+)
+from jitgate.mcp.config import McpConfig, McpServer, TokenExchange, upstream_address
+from jitgate.mcp.rules import HINT_DEFAULTS, Action, Approval, Rule
 from jitgate.policy.document import Node, PolicyError
 from jitgate.policy.identity_providers import IDENTITY_PROVIDER
 from jitgate.policy.loader import _read_file
 from jitgate.policy.masking import MASKING, parse_masking
 from jitgate.policy.schema import (
     Bool,
+    Duration,
     Field,
+    FilePath,
+    Int,
     ListOf,
     Map,
     Section,
@@ -78,6 +86,35 @@ def _origin(text: str) -> str:
     return text.rstrip("/").lower()
 
 
+MAX_HOLD = 3600
+MAX_EXCHANGE_LIFETIME = 15 * 60
+
+
+def _exchange_issuer(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"must be an https:// URL naming the front as an issuer (the `iss` of its tokens), got {text!r}")
+    return text
+
+
+MCP_TOKEN_EXCHANGE = Section(
+    "mcp_token_exchange",
+    "The caller's identity for the server, as a short-lived token the front signs (instead of a credential of the "
+    "server's own): for a server that forwards the bearer token it gets to jitgate's Kubernetes side "
+    "(kubernetes-mcp-server's passthrough). The caller's own token never goes upstream.",
+    (
+        Field("issuer", Str(), "The tokens' `iss`: the issuer the Kubernetes policy's identity provider names for them.",
+              required=True, check=_exchange_issuer),
+        Field("audience", Str(), "The tokens' `aud`: one of that identity provider's `client_ids` (never the MCP "
+              "resource, never an audience another service accepts).", required=True),
+        Field("signing_key", FilePath(), "PEM private key the front signs with (EC P-256, RSA >= 2048 or Ed25519; "
+              "`python -m jitgate.mcp.exchange` makes one and its JWKS); its public JWKS is the identity provider's "
+              "`jwks_file`.", required=True),
+        Field("lifetime", Duration(), f"How long a token is valid (at most {MAX_EXCHANGE_LIFETIME // 60}m).",
+              default=300),
+    ),
+)
+
 MCP_SERVER = Section("mcp_server", "An MCP server behind the front (Streamable HTTP), reached through one "
                      "`--mode reverse:<upstream>@<port>` listener.", (
     Field("name", Str(), "Unique name; rules' `servers` and audit lines use it.", required=True, check=_name),
@@ -93,39 +130,67 @@ MCP_SERVER = Section("mcp_server", "An MCP server behind the front (Streamable H
           "change); without it the server gets no Authorization header. The caller's token never reaches it."),
     Field("scopes", Strings(each=_scope), "Scopes every token must carry (`scope` or `scp` claim); published as "
           "`scopes_supported` and named in challenges. A valid token without them gets 403 `insufficient_scope`."),
+    Field("token_exchange", MCP_TOKEN_EXCHANGE, "Send the server a token naming the caller (signed by the front, "
+          "short-lived, audience-bound) instead of `upstream_token_file`."),
 ))
 
-_ISSUER_FIELDS = tuple(f for f in IDENTITY_PROVIDER.fields if f.key != "client_ids")
+_ISSUER_FIELDS = tuple(f for f in IDENTITY_PROVIDER.fields if f.key not in ("client_ids", "token_types"))
 MCP_AUTHORIZATION_SERVER = Section(
     "mcp_authorization_server",
     "A trusted token issuer (OIDC discovery and JWKS, as `identity_providers`). A token's `aud` must name the "
     "server's `resource`; `client_ids` only lists authorized parties (`azp`) a token with several audiences may have.",
-    (Field("client_ids", Strings(), "Clients accepted as `azp` of a token with several audiences."),) + _ISSUER_FIELDS,
+    (Field("client_ids", Strings(), "Clients accepted as `azp` of a token with several audiences."),) + _ISSUER_FIELDS + (
+        Field("token_types", Strings(choices=TOKEN_TYPES, noun="token type"), "Kinds of token accepted (JOSE `typ`): "
+              "OAuth access tokens (`at+jwt`, RFC 9068) and JWTs of another `typ` whose `aud` names the resource "
+              "(many issuers type access tokens `JWT`). `[at+jwt]` alone is RFC 9068's strict resource-server check.",
+              default=(ID_TOKEN_TYPE, ACCESS_TOKEN_TYPE)),
+    ),
 )
 
 MCP_ANNOTATIONS = Section("mcp_annotations", "Tool annotations a rule requires, exactly (trusted servers' hints; "
                           "defaults elsewhere).", tuple(
     Field(hint, Bool(), f"Default `{str(default).lower()}`.") for hint, default in HINT_DEFAULTS.items()))
 
+MCP_APPROVAL = Section(
+    "mcp_approval",
+    "How a require-approval rule's calls wait for a human: held open while reviewers of an access rule of the "
+    "Kubernetes policy decide (`jitgate approve`), then made once.",
+    (
+        Field("access_rule", Str(), "The Kubernetes policy's access rule whose reviewers decide (`mcp_access_policy` "
+              "names that policy); it must cover the call's scope (cluster `*`, `cluster_wide`, resources "
+              "`tools.mcp.jitgate.dev`, `resources.mcp.jitgate.dev` or `prompts.mcp.jitgate.dev`, verbs `create` for "
+              "tools and `get` for the others) and let the caller's groups request.", required=True, check=_name),
+        Field("approvals", Int(minimum=1), "Distinct approvals needed.", shown_default="the access rule's `required`"),
+        Field("hold", Duration(), f"How long a call is held open while a human decides (at most {MAX_HOLD // 60}m); "
+              "then it is refused naming the request, and a retry of the same call joins it.", default=300),
+    ),
+)
+
 MCP_RULE = Section(
     "mcp_rule",
-    "Who may call which tool. Matches a `tools/call` when every condition it names holds (absent: any; lists are "
-    "alternatives). Patterns are globs or `re:<expression>` (searched). Deny wins, then require-approval, then "
-    "allow; a call no rule allows is denied.",
+    "Who may call which tool, read which resource (`resources`) or get which prompt (`prompts`). Matches when every "
+    "condition it names holds (absent: any; lists are alternatives). Patterns are globs or `re:<expression>` "
+    "(searched). Deny wins, then require-approval, then allow; whatever no rule allows is denied.",
     (
         Field("name", Str(), "Unique name; shown in refusals and audit lines.", required=True, check=_name),
         Field("description", Str(empty=True), "What the rule is for.", default=""),
         Field("action", Str(choices=tuple(a.value for a in Action), noun="action"),
-              "`allow`, `deny` (JSON-RPC error, the call is not made) or `require-approval` (refused with what to "
-              "do; the call is not made).", required=True),
+              "`allow`, `deny` (JSON-RPC error, the call is not made) or `require-approval` (held while a human "
+              "decides, with `approval`; without it refused with what to do).", required=True),
         Field("message", Str(), "Why, as the caller reads it when refused."),
         Field("users", Strings(each=Pattern), "Usernames or patterns of the caller."),
         Field("groups", Strings(each=Pattern), "Groups or patterns; any of the caller's groups."),
         Field("servers", Strings(each=Pattern), "Server names (`mcp.servers[].name`) or patterns."),
-        Field("tools", Strings(each=Pattern), "Tool names or patterns."),
-        Field("arguments", Map(Strings(each=Pattern)), "Argument name -> patterns; the argument must be present and "
-              "match one. Non-strings are matched as compact JSON (`true`, `42`, `[\"a\",\"b\"]`)."),
-        Field("annotations", MCP_ANNOTATIONS, "Tool annotations the tool must have."),
+        Field("tools", Strings(each=Pattern), "Tool names or patterns (a rule naming none of `tools`, `resources`, "
+              "`prompts` is about tool calls)."),
+        Field("resources", Strings(each=Pattern), "Resource URIs or patterns: the rule is about `resources/read` "
+              "(and what `resources/list` shows)."),
+        Field("prompts", Strings(each=Pattern), "Prompt names or patterns: the rule is about `prompts/get` (and "
+              "what `prompts/list` shows)."),
+        Field("arguments", Map(Strings(each=Pattern)), "Argument name -> patterns (tools and prompts); the argument "
+              "must be present and match one. Non-strings are matched as compact JSON (`true`, `42`, `[\"a\",\"b\"]`)."),
+        Field("annotations", MCP_ANNOTATIONS, "Tool annotations the tool must have (tool rules only)."),
+        Field("approval", MCP_APPROVAL, "require-approval only: hold the call while reviewers decide."),
     ),
 )
 
@@ -151,12 +216,42 @@ def mcp_policy_json_schema() -> str:
 
 def _rule(v) -> Rule:
     hints = v["annotations"]
+    named = [key for key in ("tools", "resources", "prompts") if v[key]]
+    if len(named) > 1:
+        raise v.error(named[1], f"a rule is about tools, resources or prompts: this one names {' and '.join(named)}; "
+                      "write one rule for each")
+    if hints is not None and named and named[0] != "tools":
+        raise v.error("annotations", "annotations are tools' hints; a rule about resources or prompts has none")
+    if v["arguments"] and named == ["resources"]:
+        raise v.error("arguments", "resources/read has no arguments; match the URI in `resources`")
+    approval = v["approval"]
+    if approval is not None and v["action"] != Action.REQUIRE_APPROVAL.value:
+        raise v.error("approval", "only a require-approval rule holds calls for an approval")
+    if approval is not None and approval["hold"] > MAX_HOLD:
+        raise approval.error("hold", f"at most {MAX_HOLD // 60}m: a held call keeps a connection open")
     return Rule(
         name=v["name"], action=Action(v["action"]), description=v["description"], message=v["message"] or "",
         users=v["users"] or (), groups=v["groups"] or (), servers=v["servers"] or (), tools=v["tools"] or (),
         arguments=tuple((name, patterns) for name, patterns in (v["arguments"] or {}).items()),
         annotations=tuple((k, hints[k]) for k in HINT_DEFAULTS if hints is not None and hints[k] is not None),
+        resources=v["resources"] or (), prompts=v["prompts"] or (),
+        approval=Approval(approval["access_rule"], approval["approvals"], approval["hold"]) if approval else None,
+        source=f"{v.node.file}:{v.node.line() or '?'}",
     )
+
+
+def _token_exchange(v) -> TokenExchange | None:
+    if v is None:
+        return None
+    if v["lifetime"] > MAX_EXCHANGE_LIFETIME:
+        raise v.error("lifetime", f"at most {MAX_EXCHANGE_LIFETIME // 60}m: an exchanged token is short-lived")
+    from jitgate.mcp.exchange import load_signing_key
+
+    try:
+        load_signing_key(str(v["signing_key"]))
+    except ValueError as e:
+        raise v.error("signing_key", str(e)) from None
+    return TokenExchange(v["issuer"], v["audience"], str(v["signing_key"]), v["lifetime"])
 
 
 def _issuer(v, audiences: tuple[str, ...]) -> IssuerConfig:
@@ -164,7 +259,8 @@ def _issuer(v, audiences: tuple[str, ...]) -> IssuerConfig:
         issuer_url=v["issuer"], audiences=audiences, username_claim=v["username_claim"],
         username_prefix=v["username_prefix"], groups_claim=v["groups_claim"], groups_prefix=v["groups_prefix"],
         required_claims=dict(v["required_claims"] or {}), algorithms=v["algorithms"],
-        ca_file=str(v["ca_file"]) if v["ca_file"] else None, discovery_url=v["discovery_url"])
+        ca_file=str(v["ca_file"]) if v["ca_file"] else None, discovery_url=v["discovery_url"],
+        jwks_file=str(v["jwks_file"]) if v["jwks_file"] else None, token_types=v["token_types"])
 
 
 def parse_mcp(node: Node) -> McpConfig:
@@ -183,8 +279,16 @@ def parse_mcp(node: Node) -> McpConfig:
             if not path.is_file():
                 raise item.error("upstream_token_file", f"file not found: {path}")
             token_file = str(path)
+        exchange = _token_exchange(item["token_exchange"])
+        if exchange is not None and token_file is not None:
+            raise item.error("token_exchange", "a server gets the front's own token (upstream_token_file) or the "
+                             "caller's exchanged one (token_exchange), not both")
+        if exchange is not None and any(exchange.audience == s.resource for s in servers) or \
+                (exchange is not None and exchange.audience == item["resource"]):
+            raise item["token_exchange"].error("audience", "must not be an MCP resource: the exchanged token would be "
+                                               "accepted by the front itself")
         servers.append(McpServer(item["name"], item["upstream"], item["resource"], item["path"], item["trusted"],
-                                 token_file, tuple(item["scopes"] or ())))
+                                 token_file, tuple(item["scopes"] or ()), exchange))
     if not servers:
         raise v.error("servers", "must list at least one server")
     audiences = tuple(dict.fromkeys(s.resource for s in servers))
