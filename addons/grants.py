@@ -12,7 +12,7 @@ and expires requests and grants; this step then ends the live watches, log follo
 sessions of grants that expired or were revoked (by this process or any other), within seconds:
 unless another active grant of the same caller covers the session, which then moves to it
 (`jitgate.dev/grant-moved`). An ended session is told why in its protocol's own way first (see
-jitgate.kube.stream_endings; on reverse-mode listeners), and its audit event says the same
+jitgate.kube.stream_endings; in either proxy mode, over HTTP/1.1 or HTTP/2), and its audit event says the same
 (`jitgate.dev/terminated`, `jitgate.dev/termination-notice`).
 
     mitmdump -s addons/gateway.py --set policy=policies/ --set grant_store=state/jitgate.db
@@ -35,12 +35,11 @@ from jitgate.chain.call import Call
 from jitgate.chain.flow import (
     call_of,
     close_client_connection,
-    close_websocket,
     current_policy,
     declare_policy_option,
     end_response_stream,
+    end_websocket,
     refuse,
-    send_websocket_to_client,
 )
 from jitgate.chain.service_host import AccessServiceHost
 from jitgate.kube import stream_endings
@@ -260,9 +259,8 @@ class Grants:
         if flow.websocket is not None:
             protocol = flow.response.headers.get("Sec-WebSocket-Protocol", "") if flow.response else ""
             frames = stream_endings.exec_error_frames(protocol, message)
-            told = bool(frames) and all(send_websocket_to_client(flow, frame) for frame in frames)
-            if told:
-                close_websocket(flow, stream_endings.websocket_close_frame(1000, "jitgate: session ended"))
+            close = stream_endings.websocket_close_frame(1000, "jitgate: session ended")
+            told = bool(frames) and end_websocket(flow, frames, close)
         elif flow.response is not None:
             headers = flow.response.headers
             data = stream_endings.stream_ending(headers.get("Content-Type", ""), headers.get("Content-Encoding", ""),

@@ -2,8 +2,9 @@
 
 No real kube-apiserver can run on these machines, so the tests and the quick-start demo talk to
 this: discovery, CRUD with kube's semantics, watch, server-side Tables, pods/log and pods/exec over
-WebSocket, bearer/EKS/client-certificate authentication, and a record of every request it saw
-(`GET /_standin/requests`) so tests can check what the gateway forwarded.
+WebSocket, HTTP/2 as kube-apiserver offers it (`--h2`, see h2front), bearer/EKS/client-certificate
+authentication, and a record of every request it saw (`GET /_standin/requests`) so tests can check
+what the gateway forwarded.
 """
 
 from .server import StandinConfig, StandinServer

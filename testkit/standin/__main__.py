@@ -8,11 +8,13 @@ import logging
 import signal
 import ssl
 import sys
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
 
 from .auth import DenyRule
+from .h2front import H2Front
 from .server import StandinConfig, StandinServer
 
 
@@ -36,15 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bookmark-interval", type=float, default=5.0,
                    help="seconds between watch BOOKMARK events when a client allows them")
     p.add_argument("--no-seed", action="store_true", help="start with only the namespaces (no pods, secrets, ...)")
+    p.add_argument("--h2", action="store_true",
+                   help="offer HTTP/2 (ALPN h2, then http/1.1) as kube-apiserver does; not with --client-ca")
     p.add_argument("--verbose", "-v", action="store_true", help="log every refusal to stderr")
     return p
 
 
-def ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+def ssl_context(cert: str, key: str, client_ca: str | None, h2: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
     if client_ca:
         # Optional: bearer-token clients present no certificate and must still get through.
         ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -53,19 +57,32 @@ def ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
 
 
 async def serve(server: StandinServer, host: str, port: int, context: ssl.SSLContext,
-                stop: asyncio.Event) -> None:
+                stop: asyncio.Event, h2: bool = False) -> None:
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=context)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1] if port == 0 else port  # noqa: SLF001 - aiohttp has no API
-    server.config.server_address = f"{host}:{bound}"
-    print(f"jitgate-standin listening on https://{host}:{bound}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        server.end_streams()
-        await runner.cleanup()
+    front = listener = None
+    with tempfile.TemporaryDirectory(prefix="standin-") as private:
+        if h2:
+            # The app behind the HTTP/2 front, on a socket only this process knows.
+            backend = str(Path(private) / "app.sock")
+            await web.UnixSite(runner, backend).start()
+            front = H2Front(backend)
+            listener = await asyncio.start_server(front.handle, host, port, ssl=context)
+            bound = listener.sockets[0].getsockname()[1]
+        else:
+            site = web.TCPSite(runner, host, port, ssl_context=context)
+            await site.start()
+            bound = site._server.sockets[0].getsockname()[1] if port == 0 else port  # noqa: SLF001 - aiohttp has no API
+        server.config.server_address = f"{host}:{bound}"
+        print(f"jitgate-standin listening on https://{host}:{bound}" + (" (h2, http/1.1)" if h2 else ""), flush=True)
+        try:
+            await stop.wait()
+        finally:
+            server.end_streams()
+            if listener is not None:
+                listener.close()
+                front.close()
+            await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"jitgate-standin: cannot read token file {path}: {e.strerror}", file=sys.stderr)
             return 2
+    if args.h2 and args.client_ca:
+        print("jitgate-standin: --h2 cannot check client certificates (they do not cross the HTTP/2 front)", file=sys.stderr)
+        return 2
     if not (tokens or args.eks_cluster or args.client_ca):
         print("jitgate-standin: give at least one of --token, --token-file, --eks-cluster, --client-ca", file=sys.stderr)
         return 2
@@ -91,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                            log_interval=args.log_interval, bookmark_interval=args.bookmark_interval,
                            seed=not args.no_seed)
     try:
-        context = ssl_context(args.cert, args.key, args.client_ca)
+        context = ssl_context(args.cert, args.key, args.client_ca, args.h2)
     except (OSError, ssl.SSLError) as e:
         print(f"jitgate-standin: cannot load TLS material: {e}", file=sys.stderr)
         return 2
@@ -101,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(StandinServer(config), args.host, args.port, context, stop)
+        await serve(StandinServer(config), args.host, args.port, context, stop, args.h2)
 
     try:
         asyncio.run(run())

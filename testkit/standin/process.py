@@ -55,7 +55,7 @@ class StandinProcess:
     def start(self, ca: TestCA, tokens: list[str] | tuple[str, ...] = (DEFAULT_TOKEN,), eks_cluster: str | None = None,
               client_ca: Path | str | None = None, hostnames: list[str] | tuple[str, ...] = (),
               deny: list[str] | tuple[str, ...] = (), seed: bool = True, log_interval: float = 0.5,
-              bookmark_interval: float = 5.0, timeout: float = 20.0) -> "StandinProcess":
+              bookmark_interval: float = 5.0, h2: bool = False, timeout: float = 20.0) -> "StandinProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tokens = list(tokens)
@@ -74,6 +74,8 @@ class StandinProcess:
             args += ["--deny", rule]
         if not seed:
             args.append("--no-seed")
+        if h2:
+            args.append("--h2")  # HTTP/2 as kube-apiserver offers it (testkit.standin.h2front)
         self.log_path = self.workdir / f"standin-{self.port}.log"
         with open(self.log_path, "wb") as log:
             # Output goes to a file, not a pipe: a chatty server never blocks on a full pipe.
@@ -138,7 +140,7 @@ class StandinProcess:
 
     def requests_seen(self) -> list[dict]:
         """Every request the stand-in recorded (auth_kind, user, token_sha256, cert_subject, eks,
-        impersonate_user, impersonate_groups, user_agent, headers, status, method, path, query)."""
+        impersonate_user, impersonate_groups, user_agent, protocol, headers, status, method, path, query)."""
         code, records = self.json("GET", "/_standin/requests")
         assert code == 200, records
         return records

@@ -36,6 +36,7 @@ from .container import Container, build_container
 from .controllers import Controllers
 from .errors import ApiError, bad_request, conflict, not_found
 from .exec import ExecRequest, serve_exec
+from .h2front import PROTOCOL_HEADER
 from .logs import format_line, heartbeat_line, startup_lines
 from .resources import Catalogue, ResourceType
 from .seed import seed
@@ -171,7 +172,9 @@ class StandinServer:
             "impersonate_extra": {k[len("Impersonate-Extra-"):].lower(): headers.getall(k)
                                   for k in set(headers) if k.lower().startswith("impersonate-extra-")},
             "user_agent": headers.get("User-Agent"),
-            "headers": {k: v for k, v in headers.items() if k.lower() != "authorization"},
+            # HTTP/2 is served by the --h2 front (h2front), which says so in its own header.
+            "protocol": headers.get(PROTOCOL_HEADER) or f"HTTP/{request.version.major}.{request.version.minor}",
+            "headers": {k: v for k, v in headers.items() if k.lower() not in ("authorization", PROTOCOL_HEADER.lower())},
             "status": None,
         }
 
