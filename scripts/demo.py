@@ -5,7 +5,8 @@
     scripts/quickstart --state /tmp/demo2   # a second, independent demo beside a running one
 
 Everything it makes lives in state/demo/ (certificates, the cluster token only the gateway reads,
-kubeconfigs for alice and the reviewers bob and carol, the grant store) and state/audit.log; the
+kubeconfigs for alice and the reviewers bob and carol, the agent mcp-agent's ID token, kubeconfig and
+MCP host configuration, the grant store) and state/audit.log; the
 gateway's CA is made in certs/ on first start. With `--state DIR` all of it, the gateway's CA too,
 lives under DIR instead, and the clone's state/ and certs/ are not touched. One quick start at a
 time uses a state folder (a second one is refused, never clobbers it).
@@ -48,6 +49,10 @@ DEFAULT_CERTS = REPO / "certs"
 STANDIN, IDP, REGULAR, REVERSE = "stand-in cluster", "OIDC provider", "gateway (regular mode)", "gateway (reverse mode)"
 DEMO_PORTS = {STANDIN: 16443, IDP: 16600, REGULAR: 18080, REVERSE: 17443}
 ENDPOINT = "https://api.demo.jitgate.test:443"
+AGENT = "mcp-agent@example.com"  # the demo's agent: group `agents` (policies/demo.yaml's agent-read-dev)
+TOKEN_PLUGIN = REPO / "docs" / "agents" / "agent-token-plugin"
+MCP_CONFIG = REPO / "docs" / "agents" / "mcp-servers.json"  # what an agent host runs; the demo names its own kubeconfig
+EXAMPLE_KUBECONFIG = "/home/agent/.kube/jitgate-dev"  # the kubeconfig path MCP_CONFIG names
 BIN = Path(sys.executable).parent
 
 
@@ -203,6 +208,7 @@ def main() -> int:
                 kubeconfig.write(kubeconfig.build_kubeconfig(
                     cluster, email, gateway_ca, tokens, proxy_url=f"http://127.0.0.1:{ports[REGULAR]}"),
                     demo / "kubeconfig-proxy")
+        agent_command = write_agent(demo, idp, policy, certs / "mitmproxy-ca-cert.pem", reverse_url)
         email = f"{args.user}@example.com"
 
         def run(*argv: str, user: str = args.user) -> subprocess.CompletedProcess:
@@ -223,7 +229,7 @@ def main() -> int:
               f"-> {last['responseStatus']['code']} ({last['annotations'].get('jitgate.dev/decision')}, "
               f"grant {last['annotations'].get('jitgate.dev/grant')})")
         if refused.returncode != 0 and granted.returncode == 0 and result.returncode == 0:
-            print(instructions(demo, args.user, waiting=not args.no_wait))
+            print(instructions(demo, args.user, waiting=not args.no_wait, agent_command=agent_command))
         else:
             print(f"quickstart: the demo did not go as expected; see {shown(gateway_log_path)}", file=sys.stderr)
             return 1
@@ -238,6 +244,36 @@ def main() -> int:
         return 0
     finally:
         shutdown()
+
+
+def write_agent(demo: Path, idp: OIDCProviderProcess, policy: Path, gateway_ca: Path, server_url: str) -> list[str]:
+    """The demo's agent: an identity of its own (group `agents`, which the demo policy's agent rules
+    name), its ID token in a file only its token plugin reads, a kubeconfig `jitgate kubeconfig` writes
+    with that plugin (so no token sits in it for an MCP server's configuration tool to show the model),
+    and the MCP host configuration (docs/agents/mcp-servers.json's kubernetes-mcp-server with that
+    kubeconfig). Returns the `jitgate kubeconfig` command it ran."""
+    from jitgate.cli.main import main as jitgate
+
+    token_file = demo / "agent.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(idp.token(AGENT.split("@")[0], email=AGENT, email_verified=True, groups=["agents"]))  # no newline
+    kubeconfig_path = demo / "kubeconfig-agent"
+    argv = ["kubeconfig", "--policy", str(policy), "--cluster", "demo", "--user", AGENT, "--namespace", "dev",
+            "--server", server_url, "--gateway-ca", str(gateway_ca),
+            "--exec-command", str(TOKEN_PLUGIN), str(token_file), "-o", str(kubeconfig_path)]
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # its "wrote ...": the note after the walkthrough
+        code = jitgate(argv)
+    if code != 0:
+        raise SystemExit(f"quickstart: jitgate kubeconfig for the agent failed ({code})")
+    text = MCP_CONFIG.read_text()  # as shown in the README, with this kubeconfig
+    if json.dumps(EXAMPLE_KUBECONFIG) not in text or "kubernetes" not in json.loads(text)["mcpServers"]:
+        raise SystemExit(f"quickstart: {MCP_CONFIG} no longer names {EXAMPLE_KUBECONFIG} for server kubernetes; "
+                         "update scripts/demo.py to match")
+    (demo / "mcp-servers.json").write_text(text.replace(json.dumps(EXAMPLE_KUBECONFIG), json.dumps(str(kubeconfig_path))))
+    # As the user would type it; the plugin and its token file stay absolute (the server runs them from
+    # wherever it runs).
+    relative = {str(policy), str(gateway_ca), str(kubeconfig_path)}
+    return ["jitgate", *(shown(Path(a)) if a in relative else a for a in argv)]
 
 
 def walkthrough(demo: Path, user: str = "alice") -> str:
@@ -255,10 +291,19 @@ kubectl exec -n prod api -- cat /etc/hostname
 KUBECONFIG=$JITGATE_DEMO/kubeconfig-bob jitgate revoke $req --reason "done"   # a reviewer ends it; live sessions end too
 jitgate whoami
 tail -n 1 $JITGATE_DEMO/../audit.log | python3 -m json.tool
+# An agent: kubernetes-mcp-server (npm) under its own identity, driven over stdio by a tiny MCP host
+scripts/install-mcp-servers                                                   # the pinned servers, once (npm)
+cat $JITGATE_DEMO/mcp-servers.json                                            # an agent host's config: no token in it
+scripts/agent-call --config $JITGATE_DEMO/mcp-servers.json pods_list_in_namespace '{{"namespace": "dev"}}' &
+held=$(scripts/agent-call --config $JITGATE_DEMO/mcp-servers.json --held)    # the request the gateway filed for the held call
+KUBECONFIG=$JITGATE_DEMO/kubeconfig-bob jitgate approve $held                 # a reviewer approves: the call goes on
+wait $!                                                                       # the agent reads the pods
+KUBECONFIG=$JITGATE_DEMO/kubeconfig-bob jitgate revoke $held --reason "task done"   # no standing access left
+jitgate audit --log $JITGATE_DEMO/../audit.log --user {AGENT} -n dev  # under the agent's own name
 """
 
 
-def instructions(demo: Path, user: str, waiting: bool) -> str:
+def instructions(demo: Path, user: str, waiting: bool, agent_command: list[str]) -> str:
     if waiting:
         head = "jitgate is running in front of the demo cluster (Ctrl-C stops everything). In another terminal:"
     else:
@@ -269,10 +314,34 @@ def instructions(demo: Path, user: str, waiting: bool) -> str:
 
 {block}
 
+The agent {AGENT} (group agents) has an ID token of its own in {shown(demo / "agent.token")}.
+Its kubeconfig names the token plugin that reads it, never a token (an MCP server's configuration tool
+shows the kubeconfig to the model); it was written with:
+{wrapped(agent_command)}
+The demo policy's rule agent-read-dev holds the agent's reads in dev until an SRE approves (up to 2 minutes).
+
 The gateway alone holds the cluster token ({shown(demo / "cluster-token")}) and tells the cluster who you
 are with impersonation headers. Grants live in {shown(demo / "jitgate.db")}.
 """
 
+
+def wrapped(argv: list[str], width: int = 100) -> str:
+    """A command as a shell reads it, indented and folded with backslashes between options (an option
+    stays with its values)."""
+    words = [shlex.quote(a) for a in argv]
+    groups: list[str] = []
+    for word in words:
+        if groups and not word.startswith("-") and groups[-1].startswith("-"):
+            groups[-1] += " " + word
+        else:
+            groups.append(word)
+    lines, line = [], "   "
+    for group in groups:
+        if len(line) + 1 + len(group) > width and line.strip():
+            lines.append(line + " \\")
+            line = "       "
+        line += " " + group
+    return "\n".join([*lines, line])
 
 if __name__ == "__main__":
     sys.exit(main())
