@@ -179,3 +179,14 @@ def test_values_remembered_across_bodies_are_only_those_passed_unmasked() -> Non
     for i in range(hits_module.CLEAN_VALUES + 10):  # bounded: past the limit it starts over
         masker.mask_json(json.dumps({"a": f"/var/run/secrets/{i}"}).encode())
     assert 0 < len(masker.hits.clean) <= hits_module.CLEAN_VALUES
+
+
+def test_strings_remembered_across_bodies_by_the_walk_are_only_clean_ones() -> None:
+    masker = Masker()
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    for i in range(3):
+        body = json.dumps({"type": "MODIFIED", "object": {"kind": "Secret", "metadata": {
+            "name": f"s{i}", "annotations": {"note": token}}, "data": {"k": "dg=="}}}).encode()
+        result = masker.mask_json(body, secrets=True)
+        assert token.encode() not in result.body and b"dg==" not in result.body and result.masked == 2
+    assert "Secret" in masker.clean and token not in masker.clean and not any("eyJ" in s for s in masker.clean)

@@ -25,6 +25,9 @@ STRING_MARKER = "jitgate:masked"
 DATA_MARKER = base64.b64encode(STRING_MARKER.encode()).decode()  # "aml0Z2F0ZTptYXNrZWQ="
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 SMALL_BODY = 2048
+# Strings remembered as clean across bodies (`Masker.clean`): how many, how long each.
+CLEAN_TEXTS = 4096
+CLEAN_TEXT_MAX = 256
 # Built once: json.dumps with arguments builds a new encoder per call (a watch event's cost doubles).
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _decode = json.JSONDecoder().decode
@@ -55,6 +58,9 @@ class Masker:
         # Detector results of this pass by string: lists repeat the same values in every item, and
         # the detectors read a string alone (no context), so one answer serves every occurrence.
         self.memo: dict[str, tuple[str, int]] = {}
+        # Strings the detectors leave as they are, across bodies (a watch repeats its kinds, names and
+        # labels event after event): only what passes unmasked, what the client gets anyway; bounded.
+        self.clean: set[str] = set()
         self.hits = HitScanner(detectors)
 
     # -- bodies -------------------------------------------------------------------------------
@@ -190,12 +196,16 @@ class Masker:
         return value
 
     def _text(self, text: str) -> str:
-        if not self.scan:
+        if not self.scan or text in self.clean:
             return text
         hit = self.memo.get(text)
         if hit is None:
             hit = self.detectors.mask_text(text)
-            if len(self.memo) < 4096:
+            if not hit[1] and len(text) <= CLEAN_TEXT_MAX:
+                if len(self.clean) >= CLEAN_TEXTS:
+                    self.clean.clear()
+                self.clean.add(text)
+            elif len(self.memo) < 4096:
                 self.memo[text] = hit
         masked, n = hit
         if n:
