@@ -198,3 +198,17 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
         assert {"throughput.png", "latency.png", "curves.png"} <= {p.name for p in outdir.iterdir()}
         assert "](bench-smoke/throughput.png)" in latest.read_text()
 
+
+
+def test_mcp_rows_end_to_end() -> None:
+    # The benchmark's MCP stage with tiny counts: real IdP, MCP server, bare mitmdump and the front.
+    from scripts.bench import mcp_front
+
+    results = {"runs": [], "mcp": {"in_process_us": mcp_front.in_process(200), "round_trip_ms": mcp_front.end_to_end(20)},
+               "meta": {"notes": []}}
+    trips = results["mcp"]["round_trip_ms"]
+    assert set(trips) == {"direct to the MCP server", "bare mitmdump (reverse mode, no addon)", "through the MCP front"}
+    assert all(0 < ms < 1000 for ms in trips.values())
+    assert all(us > 0 for us in results["mcp"]["in_process_us"].values())
+    text = "\n".join(report.markdown_section_mcp(results))
+    assert "## MCP front: `tools/call`" in text and "| through the MCP front |" in text and "sequential requests/s" in text

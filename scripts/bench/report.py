@@ -203,6 +203,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_section_mcp(results: dict[str, Any]) -> list[str]:
+    """The MCP front's rows: tools/call round trips direct, through bare mitmdump, through the front."""
+    mcp = results.get("mcp")
+    md: list[str] = []
+    if mcp:
+        trips = mcp["round_trip_ms"]
+        direct = trips.get("direct to the MCP server")
+        md += ["## MCP front: `tools/call`", ""]
+        md.append("The same `tools/call` (an allowed tool, JSON answer) sent one after another on one kept-alive "
+                  "connection: straight to a Streamable HTTP MCP server, through bare mitmdump in reverse mode, and "
+                  "through the MCP front (`addons/mcp_gateway.py`: token, headers, rules, answer masking, audit); "
+                  "p50 of the round trip, best of 3 interleaved rounds.")
+        md.append("")
+        md.append(_table(["target", "p50 round trip, ms", "sequential requests/s", "added vs direct, ms"], [
+            [name, _fmt(ms, 2), _fmt(1000 / ms if ms else None), _fmt(None if direct is None else ms - direct, 2)]
+            for name, ms in trips.items()]))
+        md.append("")
+        md.append(_table(["the front's own work, in process", "µs per message"],
+                         [[name, _fmt(us)] for name, us in mcp["in_process_us"].items()]))
+        md.append("")
+    return md
+
+
 def markdown(results: dict[str, Any], image_prefix: str = "") -> str:
     meta = results["meta"]
     md = [f"# jitgate benchmark, {meta['started']}", ""]
@@ -294,6 +317,8 @@ def markdown(results: dict[str, Any], image_prefix: str = "") -> str:
              "n/a" if row["met"] is None else ("✅" if row["met"] else "❌")]
             for row in costs["rows"]]))
         md.append("")
+
+    md += markdown_section_mcp(results)
 
     md += ["## Scaling curves", ""]
     for curve in results.get("curves", []):

@@ -51,6 +51,7 @@ from jitgate.policy.loader import load_policy  # noqa: E402
 from scripts.bench import bodies, curves, load, report, watches  # noqa: E402
 from scripts.bench import guardrail_approval as bench_approval  # noqa: E402
 from scripts.bench import guardrails as bench_guardrails  # noqa: E402
+from scripts.bench import mcp_front as bench_mcp  # noqa: E402
 from scripts.bench import self_review as bench_self_review  # noqa: E402
 from scripts.bench.proxies import ProcStat, ProxyProcess  # noqa: E402
 from scripts.bench.upstream import (  # noqa: E402
@@ -581,6 +582,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cluster credential from a token file instead of EKS via moto_server (no STS count)")
     parser.add_argument("--python-load", action="store_true", help="use the pure-Python load generator everywhere")
     parser.add_argument("--skip-curves", action="store_true", help="only the side-by-side load matrix")
+    parser.add_argument("--skip-mcp", action="store_true",
+                        help="no MCP front rows (tools/call direct, through bare mitmdump, through the front)")
     parser.add_argument("--skip-features", action="store_true",
                         help="no feature-cost rows (the gateway without masking, without recording)")
     parser.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default: results/)")
@@ -632,8 +635,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["feature_costs"] = bench.feature_costs()
                 print("\n".join(report.feature_cost_lines(results["feature_costs"])))
 
+            def mcp() -> None:
+                bench.log("bench: MCP front: tools/call direct, through bare mitmdump and through the front ...")
+                results["mcp"] = {"in_process_us": bench_mcp.in_process(2000 if args.quick else 5000),
+                                  "round_trip_ms": bench_mcp.end_to_end(100 if args.quick else 300)}
+
             if not args.skip_features:
                 bench.stage("feature costs", feature_costs)
+            if not args.skip_mcp:
+                bench.stage("MCP front", mcp)
             if args.profile:
                 bench.stage("profile", profile)
             if not args.skip_curves:
