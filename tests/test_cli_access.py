@@ -455,3 +455,12 @@ def test_reveal_flag_asks_for_unmasked_values(world: World) -> None:
     plain = world.run(erin, "request", "--cluster", "dev", "-n", "dev", "--resource", "pods", "--verb", "get", "--reason", "INC-9",
                       "-o", "json").stdout
     assert "reveal" not in json.loads(plain)["scope"]
+
+
+def test_show_names_the_mcp_rule_that_held_a_call_not_a_guardrail() -> None:
+    from jitgate.cli.main import _held_by
+
+    mcp = {"guardrail": "mcp:prod-deletes-need-a-human", "digest": "ab" * 32, "path": "mcp://kube/delete_pod"}
+    assert _held_by(mcp) == "MCP rule:   prod-deletes-need-a-human (MCP front); digest " + "ab" * 8
+    kube = {"guardrail": "no-privileged-pods", "digest": "cd" * 32, "path": "/api/v1/namespaces/dev/pods"}
+    assert _held_by(kube) == "Guardrail:  no-privileged-pods; digest " + "cd" * 8

@@ -448,6 +448,15 @@ def _rule_summary(rule: dict) -> str:
             f"{', '.join(rule['resources'])}; up to {rule['duration']['max']} (default {rule['duration']['default']}); {how}{reason}")
 
 
+def _held_by(operation: dict) -> str:
+    """Which rule held the operation: a guardrail, or a rule of the MCP front (`mcp:<rule>`, its
+    path `mcp://<server>/<tool>`)."""
+    held_by, digest = operation["guardrail"], operation["digest"][:16]
+    if held_by.startswith("mcp:") and operation["path"].startswith("mcp://"):
+        return f"MCP rule:   {held_by.removeprefix('mcp:')} (MCP front); digest {digest}"
+    return f"Guardrail:  {held_by}; digest {digest}"
+
+
 def _request_text(r: dict, now: float, viewer: str | None = None) -> str:
     lines = [
         f"Request:    {r['id']}",
@@ -460,7 +469,7 @@ def _request_text(r: dict, now: float, viewer: str | None = None) -> str:
     if operation:
         lines += [
             f"Operation:  {operation['summary']} (exactly this call, once: {operation['method']} {operation['path']})",
-            f"Guardrail:  {operation['guardrail']}; digest {operation['digest'][:16]}",
+            _held_by(operation),
         ]
         permit = r.get("permit")
         if permit:
