@@ -61,6 +61,7 @@ class Masker:
         # Strings the detectors leave as they are, across bodies (a watch repeats its kinds, names and
         # labels event after event): only what passes unmasked, what the client gets anyway; bounded.
         self.clean: set[str] = set()
+        self.min_length = detectors.min_length  # shorter strings no detector can match (names, versions)
         self.hits = HitScanner(detectors)
 
     # -- bodies -------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class Masker:
         return value
 
     def _text(self, text: str) -> str:
-        if not self.scan or text in self.clean:
+        if not self.scan or len(text) < self.min_length or text in self.clean:
             return text
         hit = self.memo.get(text)
         if hit is None:
