@@ -166,7 +166,7 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
         costs = bench.feature_costs(connections=2)
         assert [(r["step"], r["rounds"]) for r in costs["rows"]] == [("masking", 1), ("recording", 1)]
         assert all(r["cpu_ms_per_request"] is not None and r["budget_points"] for r in costs["rows"])
-        assert not {"without-masking", "without-recording"} & set(bench.proxies)  # stopped after measuring
+        assert not {"full", "without-masking", "without-recording"} & set(bench.proxies)  # stopped after measuring
 
         watch = bench.watch_memory((5,), proxies=("gateway",))
         assert [(w["proxy"], w["failures"]) for w in watch] == [("jitgate gateway", [])]

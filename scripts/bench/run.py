@@ -70,6 +70,9 @@ PROFILE_RATE = 400  # samples/s; --nonblocking, so the proxy is never paused
 # Steps whose cost the benchmark reports on their own (issue targets: masking ≤ 3 points of the full
 # chain's ratio against bare mitmdump, recording ≤ 10).
 FEATURE_STEPS = ("masking", "recording")
+# Every measured call pays the whole recording: the benchmark's one session would reach the default
+# HAR cap (256m) after about 3,600 calls of its 52 KB body, and later calls would skip the HAR.
+GATEWAY_OPTIONS = {"recording_har_max_bytes": "100g"}
 VARIANT_SCRIPT = REPO / "scripts" / "bench" / "gateway_variant.py"
 
 
@@ -104,7 +107,7 @@ class Bench:
         b = self.backends
         policy = b.write_policy(self.workdir / "policy.yaml", b.nginx.api_url)
         env = gateway_env(self.workdir)
-        for name, kwargs in (("bare", {}), ("gateway", {"policy": policy, "env": env})):
+        for name, kwargs in (("bare", {}), ("gateway", {"policy": policy, "env": env, "extra_options": GATEWAY_OPTIONS})):
             proxy = ProxyProcess(name, self.workdir, b.nginx.api_url, b.ca.cert_path, cpus=self.proxy_cpus, **kwargs)
             self.stack.callback(proxy.stop)
             self.proxies[name] = proxy.launch()
@@ -364,15 +367,20 @@ class Bench:
         b = self.backends
         policy = self.workdir / "policy.yaml"
         variants = {f"without-{step}": step for step in FEATURE_STEPS}
-        for name, step in variants.items():
+        # A fresh full chain beside the fresh variants: all start with the same empty state (store,
+        # recordings, caches), so what differs between them is the step alone.
+        started = {"full": ""} | variants
+        for name, step in started.items():
             env = {**gateway_env(self.workdir), "JITGATE_BENCH_WITHOUT": step}
             proxy = ProxyProcess(name, self.workdir, b.nginx.api_url, b.ca.cert_path, cpus=self.proxy_cpus,
-                                 policy=policy, env=env, script=VARIANT_SCRIPT)
+                                 policy=policy, env=env, script=VARIANT_SCRIPT, extra_options=GATEWAY_OPTIONS)
             self.stack.callback(proxy.stop)
-            self.proxies[name] = proxy.start()
-            self.grant_access(proxy)
-        self.check_variants(variants)
-        names = ("bare", "gateway", *variants)
+            self.proxies[name] = proxy.launch()
+        for name in started:
+            self.proxies[name].wait_ready()
+            self.grant_access(self.proxies[name])
+        self.check_variants(variants, full="full")
+        names = ("bare", "full", *variants)
         _, run = self.generator(mode)
         for name in names:  # connections and certificates of the new processes, before counting
             run(self.target(name, mode), 2, 1, True, cpus=self.side_cpus)
@@ -381,12 +389,14 @@ class Bench:
         rounds = []
         for index in range(self.args.rounds):
             order = names[index % len(names):] + names[:index % len(names)]
-            rounds.append({name: self.phase(mode, True, connections, name, index) for name in order})
-        for name in variants:
+            measured = {name: self.phase(mode, True, connections, name, index) for name in order}
+            measured["gateway"] = measured.pop("full")
+            rounds.append(measured)
+        for name in started:
             self.proxies.pop(name).stop()
         return report.feature_costs(rounds, variants, mode=mode, connections=connections)
 
-    def check_variants(self, variants: dict[str, str]) -> None:
+    def check_variants(self, variants: dict[str, str], full: str = "gateway") -> None:
         """Each variant lacks its step and only it: the one without masking answers the canned
         Secrets unmasked (the full chain masks them), the one without recording writes no recording."""
         def secrets(name: str) -> tuple[str, bytes]:
@@ -400,7 +410,7 @@ class Bench:
             recordings = self.proxies[name].workdir / "state" / "recordings"
             before = sorted(p.name for p in recordings.rglob("*")) if recordings.exists() else []
             masked, body = secrets(name)
-            full_masked, full_body = secrets("gateway")
+            full_masked, full_body = secrets(full)
             if not full_masked or full_body == body and step == "masking":
                 raise RuntimeError(f"{name}: the full chain and the variant answer Secrets alike")
             if (step == "masking") == bool(masked):
@@ -561,6 +571,11 @@ def run_meta(args: argparse.Namespace, started: datetime.datetime, loadavg: tupl
             "earlier ones (order: reverse before regular, keep-alive before new connections, 1 before 50).",
             "Steady state: OIDC calls are lines in nginx's access log of the issuer, STS calls are AssumeRole calls "
             "recorded by moto_server, both counted from the end of warm-up to the end of the load matrix.",
+            "Recording: every gateway runs with recording_har_max_bytes=100g, so every measured call is written to "
+            "flows.mitm, session.har and the index (the benchmark's single session would otherwise reach the default "
+            "256m HAR cap after about 3,600 calls, and later calls would skip the HAR).",
+            "Feature costs: a fresh full gateway and fresh gateways without masking and without recording are "
+            "started together for that stage (same empty store and recordings), so the step is the only difference.",
         ],
     }
 
