@@ -37,6 +37,7 @@ from jitgate.chain import flow as chain_flow
 from testkit.gateway import GatewayProcess
 from testkit.standin.process import KUBECTL, StandinProcess, kubectl_env, read_until
 from tests.conftest import ALICE
+from tests.test_session_endings import finish
 from tests.test_self_review import Env
 
 CLUSTER_TOKEN = "modes-cluster-token-held-by-the-gateway"
@@ -154,16 +155,6 @@ def env(ca, idp, tmp_path_factory: pytest.TempPathFactory):
     e = ModesEnv(ca, idp, tmp_path_factory.mktemp("session-endings-modes"))
     yield e
     e.stop()
-
-
-def finish(proc: subprocess.Popen, timeout: float = 10) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 # (kubectl's HTTP version, the stand-in it reaches): an HTTP/1.1 client reaches the stand-in that
