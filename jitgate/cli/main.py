@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from jitgate.access.errors import InvalidRequest
 from jitgate.access.scope import Scope
 from jitgate.cli.client import (

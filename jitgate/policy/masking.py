@@ -10,8 +10,24 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jitgate.masking.detectors import BUILTIN, BUILTIN_NAMES, SECRET_WORDS, Detector, DetectorSet, derived_hints
-from jitgate.policy.schema import Field, ListOf, Number, Section, Str, Strings, Values, dataclass_default
+from jitgate.masking.detectors import (
+    BUILTIN,
+    BUILTIN_NAMES,
+    SECRET_WORDS,
+    Detector,
+    DetectorSet,
+    derived_hints,
+)
+from jitgate.policy.schema import (
+    Field,
+    ListOf,
+    Number,
+    Section,
+    Str,
+    Strings,
+    Values,
+    dataclass_default,
+)
 
 if TYPE_CHECKING:
     from jitgate.policy.document import Node
