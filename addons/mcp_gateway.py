@@ -15,6 +15,11 @@ loads none of the Kubernetes chain. Per request (jitgate.mcp.front has the decis
     response         JSON responses inspected whole; the exchange's last audit line
     error            the exchange's failure, audited
 
+With `mcp_recordings`, each completed exchange (the request with its message masked, the answer as the
+caller got it, refusals included) is also written into the caller's session recordings (flows.mitm,
+session.har, index.db: what `jitgate sessions --dir` reads), credentials scrubbed; a recording that cannot
+be written never changes the call (logged, and the exchange's audit `end` line says `recording: failed`).
+
 Flows read back with `-r` are not live and pass untouched.
 """
 
@@ -24,6 +29,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -37,6 +43,8 @@ if str(HERE.parent) not in sys.path:  # a plain checkout without `pip install -e
 
 import hashlib
 
+# The Kubernetes side's flow state, connection parts and stream capture (addons/recording.py), reused.
+from addons.recording import Capture, ConnectionParts, flow_state
 from jitgate.access.errors import StoreError
 from jitgate.access.service import AccessService
 from jitgate.audit.log import AuditLog, AuditLogError
@@ -48,10 +56,16 @@ from jitgate.mcp.front import Exchange, Front
 from jitgate.mcp.hold import HOLD_HEADER, HoldServer, Ticket
 from jitgate.mcp.messages import Unreadable
 from jitgate.mcp.ratelimit import parse_rate
+from jitgate.mcp.recording import call_record, masked_request
 from jitgate.mcp.resource import HttpAnswer
 from jitgate.mcp.sse import EventSplitter, EventTooLarge, event_data, with_data
 from jitgate.policy.document import PolicyError
 from jitgate.policy.mcp import load_mcp_policy
+from jitgate.recording import har
+from jitgate.recording.index import call_row
+from jitgate.recording.recorder import Recorder, RecordingsError
+from jitgate.recording.scrub import MARKER_BYTES, scrub_state
+from jitgate.recording.sessions import session_for
 
 log = logging.getLogger("jitgate.mcp")
 
@@ -178,6 +192,121 @@ class SseStream:
         return out
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("jitgate")
+    except Exception:  # noqa: BLE001 - a plain checkout
+        return "0"
+
+
+def _drop_headers(fields, names: tuple[bytes, ...]) -> tuple:
+    return tuple((k, v) for k, v in fields if k.lower() not in names)
+
+
+class FrontRecording:
+    """The front's exchanges in the session recordings: the Kubernetes side's Recorder, session ids,
+    index rows, HAR entries and flow-file bytes (jitgate.mcp.recording makes the record they read)."""
+
+    def __init__(self, recorder: Recorder, body_limit: int) -> None:
+        self.recorder = recorder
+        self.limit = body_limit
+        self.connections = ConnectionParts()
+        self.captures: weakref.WeakKeyDictionary[http.HTTPFlow, Capture] = weakref.WeakKeyDictionary()
+        self.recorded: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self.failures = 0
+
+    def capture(self, flow: http.HTTPFlow) -> None:
+        """A streamed (SSE) answer: what the caller gets, as it passes, kept up to the body limit."""
+        capture = self.captures[flow] = Capture(self.limit)
+        inner = flow.response.stream
+
+        def recorded_stream(chunk: bytes):
+            out = inner(chunk)
+            capture.add(out if isinstance(out, bytes) else b"".join(out), end=not chunk)
+            return out
+
+        flow.response.stream = recorded_stream
+
+    def safely(self, flow: http.HTTPFlow, ex: Exchange, front: Front) -> None:
+        """A recording failure never stops or changes the call: logged, and audited at the exchange's end."""
+        try:
+            self.record(flow, ex, front)
+        except Exception:
+            ex.recording = "failed"
+            self.failures += 1
+            if self.failures <= 10 or self.failures % 1000 == 0:
+                log.exception("could not record MCP exchange %s (%d failures so far)", ex.audit_id, self.failures)
+
+    def record(self, flow: http.HTTPFlow, ex: Exchange, front: Front) -> None:
+        if flow in self.recorded:
+            return
+        self.recorded.add(flow)
+        record = call_record(ex)
+        started = flow.request.timestamp_start or time.time()
+        ref = self.recorder.resolve(session_for(record, started))
+        mcp_record = {**ex.record(), "session": ref.id}
+        state = flow_state(flow, self.connections.state)
+        notes = self.prepare(state, flow, front)
+        scrub_state(state)
+        state["metadata"][METADATA_KEY] = mcp_record
+        what = " ".join(str(v) for v in (mcp_record["method"], mcp_record["tool"]) if v)
+        state["comment"] = "\n".join([f"MCP {ex.server.name}: {what or ex.http_method}; {har.summary(record)}",
+                                      *notes.values()])
+        if record["decision"] == "deny":
+            state["marked"] = ":no_entry:"
+        flow_bytes = self.connections.flow_bytes(state, flow)
+        entry = har.dumps(har.entry(state, {**record, "mcp": mcp_record}, notes))
+        request, response = state["request"], state.get("response")
+        ended = (response or {}).get("timestamp_end") or time.time()
+        row = call_row(ref.id, record, started, (response or {}).get("status_code", 0),
+                       request["path"].decode("utf-8", "replace"), (ended - started) * 1000)
+        self.recorder.record(ref, flow_bytes, entry, started, row)
+
+    def prepare(self, state: dict, flow: http.HTTPFlow, front: Front) -> dict[str, str]:
+        """Bodies as recorded: the request's message masked, the answer as the caller got it, both bounded."""
+        notes: dict[str, str] = {}
+        request = state["request"]
+        request["headers"] = tuple((k, MARKER_BYTES if k.lower() == HOLD_HEADER_BYTES else v)
+                                   for k, v in request.get("headers") or ())
+        if request.get("content"):
+            request["content"] = masked_request(request["content"], front.config.detectors)
+            if len(request["content"]) > self.limit:
+                request["content"] = request["content"][:self.limit]
+                notes["request"] = f"request body cut at {self.limit} bytes (mcp_recording_body_max_bytes)"
+        response = state.get("response")
+        if response is None:
+            return notes
+        capture = self.captures.pop(flow, None)
+        if capture is not None:
+            response["content"] = capture.body()
+            response["headers"] = _drop_headers(response["headers"], (b"content-encoding", b"content-length"))
+            if capture.truncated:
+                notes["response"] = f"streamed body cut at {self.limit} bytes (mcp_recording_body_max_bytes)"
+            return notes
+        body = response.get("content") or b""
+        encoding = flow.response.headers.get("content-encoding", "identity").strip().lower()
+        if body and encoding not in ("", "identity"):
+            decoded = har.decode_body(body, encoding)
+            response["headers"] = _drop_headers(response["headers"], (b"content-encoding", b"content-length"))
+            if decoded is None:
+                response["content"] = b""
+                notes["response"] = f"response body not recorded: content encoding {encoding!r} could not be undone"
+                return notes
+            body = response["content"] = decoded
+        if len(body) > self.limit:
+            response["content"] = body[:self.limit]
+            notes["response"] = f"response body cut at {self.limit} bytes (mcp_recording_body_max_bytes)"
+        return notes
+
+    def close(self) -> None:
+        self.recorder.close()
+
+
+HOLD_HEADER_BYTES = HOLD_HEADER.lower().encode()
+
+
 class McpFront:
     """The MCP front as one addon (one object per hook walk: mitmproxy visits every addon per event)."""
 
@@ -191,6 +320,7 @@ class McpFront:
         # Held calls: the access service over the shared grant store, and the loopback server they wait in.
         self.service: AccessService | None = None
         self.hold_server: HoldServer | None = None
+        self.recording: FrontRecording | None = None
 
     def load(self, loader) -> None:
         loader.add_option("mcp_policy", str, "", "The MCP front's policy file (its `mcp:` section: servers, trusted "
@@ -218,11 +348,20 @@ class McpFront:
                           "(ms); approvals made by another process are seen within it.")
         loader.add_option("mcp_hold_keepalive", int, 10, "Seconds between the MCP progress notifications (or SSE "
                           "comments, without a progressToken) a held call sends so clients do not time out; 0: none.")
+        loader.add_option("mcp_recordings", str, "", "Folder of session recordings (the Kubernetes gateway's layout: "
+                          "per session flows.mitm and session.har, index.db for `jitgate sessions --dir`): every "
+                          "exchange, refusals included, in the caller's session, messages masked and credentials "
+                          "removed. One process per folder: not the Kubernetes gateway's `recordings`. Empty: off.")
+        loader.add_option("mcp_recording_body_max_bytes", str, "1m", "Largest request or response body kept per "
+                          "exchange in mcp_recordings (k/m/g), SSE streams included: a longer one is cut, with a note.")
+        loader.add_option("mcp_recording_har_max_bytes", str, "256m", "Largest session.har of one session in "
+                          "mcp_recordings (k/m/g); later exchanges are kept in flows.mitm and the index only.")
 
     def configure(self, updated: set[str]) -> None:
         if not updated & {"mcp_policy", "mcp_audit_log", "mcp_audit_fsync", "mcp_rate_limit", "mcp_rate_burst",
                           "mcp_max_body", "mcp_clock_skew", "mode", "mcp_grant_store", "mcp_access_policy",
-                          "mcp_hold_poll_interval_ms", "mcp_hold_keepalive"}:
+                          "mcp_hold_poll_interval_ms", "mcp_hold_keepalive", "mcp_recordings",
+                          "mcp_recording_body_max_bytes", "mcp_recording_har_max_bytes", "recordings"}:
             return
         opts = ctx.options
         if not opts.mcp_policy:
@@ -250,10 +389,23 @@ class McpFront:
             exchangers = {s.name: Exchanger(s, s.token_exchange) for s in config.servers if s.token_exchange}
         except ValueError as e:
             raise exceptions.OptionsError(f"token_exchange: {e}") from None
+        body_max, har_max = self._recording_limits(opts)
         try:
             audit = AuditLog(opts.mcp_audit_log, fsync=opts.mcp_audit_fsync)
         except AuditLogError as e:
             raise exceptions.OptionsError(str(e)) from None
+        try:
+            recorder = self._recorder(opts, updated, har_max)
+        except exceptions.OptionsError:
+            audit.close()
+            raise
+        current = self.recording.recorder if self.recording is not None else None
+        if recorder is not current:
+            old, self.recording = self.recording, FrontRecording(recorder, body_max) if recorder else None
+            if old is not None:
+                old.close()
+        elif self.recording is not None:
+            self.recording.limit = body_max
         if self.audit is not None:
             self.audit.close()
         self.audit, self.config = audit, config
@@ -273,6 +425,36 @@ class McpFront:
         elif self.service is not None and self.service.store is not None:
             self.service.store.close()
             self.service = None
+
+    @staticmethod
+    def _recording_limits(opts) -> tuple[int, int]:
+        limits = []
+        for name, least in (("mcp_recording_body_max_bytes", 1), ("mcp_recording_har_max_bytes", har.MIN_MAX_BYTES)):
+            try:
+                value = human.parse_size(getattr(opts, name))
+            except ValueError:
+                value = None
+            if value is None or value < least:
+                raise exceptions.OptionsError(f"{name} must be a size such as 1m, at least "
+                                              f"{human.pretty_size(least)}, not {getattr(opts, name)!r}")
+            limits.append(value)
+        return limits[0], limits[1]
+
+    def _recorder(self, opts, updated: set[str], har_max: int) -> Recorder | None:
+        """The recordings folder's writer (the one open now when neither folder nor HAR cap changed)."""
+        if not opts.mcp_recordings:
+            return None
+        if self.recording is not None and not updated & {"mcp_recordings", "mcp_recording_har_max_bytes"}:
+            return self.recording.recorder
+        root = Path(opts.mcp_recordings)
+        kube = opts.recordings if "recordings" in opts.keys() else ""  # noqa: SIM118 - the chain loaded beside it
+        if kube and Path(kube).resolve() == root.resolve():
+            raise exceptions.OptionsError("mcp_recordings must be a folder of its own, not the Kubernetes gateway's "
+                                          "`recordings` (one process, one writer per folder)")
+        try:
+            return Recorder(root, har_max, _version())
+        except RecordingsError as e:
+            raise exceptions.OptionsError(f"mcp_recordings: {e}") from None
 
     @staticmethod
     def _approval_service(config: McpConfig, opts) -> AccessService | None:
@@ -328,6 +510,9 @@ class McpFront:
             await self.service.stop()
         if self.audit is not None:
             self.audit.close()
+        if self.recording is not None:
+            self.recording.close()
+            self.recording = None
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -454,6 +639,8 @@ class McpFront:
             _close_client(flow, "jitgate: compressed MCP event stream")
             return
         response.stream = SseStream(self.front, ex, flow, response.status_code)
+        if self.recording is not None:
+            self.recording.capture(flow)
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -468,6 +655,8 @@ class McpFront:
             else:
                 self._other_response(flow, ex)
         flow.metadata[METADATA_KEY] = ex.record()
+        if self.recording is not None:
+            self.recording.safely(flow, ex, self.front)
         self.front.finish(ex, flow.response.status_code)
 
     def _other_response(self, flow: http.HTTPFlow, ex: Exchange) -> None:
@@ -506,6 +695,9 @@ class McpFront:
         if ex is None or self.front is None:
             return
         _scrub(flow)
+        if self.recording is not None:
+            flow.metadata[METADATA_KEY] = ex.record()
+            self.recording.safely(flow, ex, self.front)
         self.front.finish(ex, flow.response.status_code if flow.response else None,
                           error=str(flow.error.msg if flow.error else "error"))
 

@@ -14,7 +14,8 @@ Per HTTP exchange (`Exchange`) the addon asks, in order:
 5. `server_message` for each message the server sends (a JSON body, or each SSE event): tools/list
    filtering, masking, the audit line (AuditLogError when it cannot be written: the addon withholds);
 6. `finish` when the exchange ends: an audit line for what carried no JSON-RPC message (202, DELETE,
-   errors), and for refusals answered before the body.
+   errors), for refusals answered before the body, and for an exchange the session recordings could
+   not keep (`recording: failed`; jitgate.mcp.recording).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Exchange:
     methods: dict[Any, str] = field(default_factory=dict)
     held: HeldCall | None = None  # a require-approval call to hold for a human (the hold server does)
     approval: dict[str, Any] | None = None  # the held call's access request: {request, state, approvers}
+    recording: str = ""  # "failed": the exchange could not be written into the session recordings
 
     @property
     def tool(self) -> str | None:
@@ -291,7 +293,8 @@ class Front:
 
         A POST whose request and answer were recorded needs nothing more; a refusal before the body
         (route, Origin, token), a 202, a DELETE, a GET stream's end and any failure get an `end` line."""
-        if not error and ex.request_audited and (ex.answered or (ex.http_method == "POST" and ex.server_messages)):
+        if not error and not ex.recording and ex.request_audited and (
+                ex.answered or (ex.http_method == "POST" and ex.server_messages)):
             return
         try:
             self.audit.write(message_event(
@@ -299,7 +302,8 @@ class Front:
                 http={"method": ex.http_method, "path": ex.path, "status": status, "sourceIP": ex.source_ip},
                 message={"direction": "server-to-client"}, decision=ex.decision or ("deny" if ex.answered else "allow"),
                 rule=ex.rule, reason=error or ex.reason, duration_ms=(time.monotonic() - ex.started) * 1000,
-                session_id=ex.session_id, protocol=ex.protocol, messages=ex.server_messages, approval=ex.approval))
+                session_id=ex.session_id, protocol=ex.protocol, messages=ex.server_messages, approval=ex.approval,
+                recording=ex.recording or None))
         except AuditLogError as e:
             log.error("audit log write failed at the end of exchange %s: %s", ex.audit_id, e)
 
