@@ -559,3 +559,17 @@ def test_a_connection_string_glued_to_digits_is_masked() -> None:
     # started schemes only after a non-scheme character, so `54321postgres://...` passed unmasked.
     assert D.mask_text("id=54321postgres://app:hunter2@db:5432") == (
         "id=54321postgres://app:[masked:connection-string-password]@db:5432", 1)
+
+
+def test_derived_hints_hold_only_characters_a_json_body_shows_as_written() -> None:
+    from jitgate.masking.detectors import derived_hints
+
+    # A newline, quote or backslash is escaped in JSON (`\n`, `\"`, `\\`): a hint holding one would
+    # never be found in a body's bytes, and the detector would never run.
+    hints, exact = derived_hints(r"BEGIN\nACME KEY(?P<value>[0-9]{6})")
+    assert exact == ("ACME KEY",) and not hints
+    assert derived_hints(r'x"quoted"y') == ((), ("quoted",))
+    custom = DetectorSet([Detector("acme", r"BEGIN\nACME KEY(?P<value>[0-9]{6})", "", *derived_hints(r"BEGIN\nACME KEY(?P<value>[0-9]{6})"))])
+    body = json.dumps({"kind": "ConfigMap", "data": {"cert": "BEGIN\nACME KEY123456"}}).encode()
+    result = Masker(custom).mask_json(body)
+    assert b"123456" not in result.body and result.masked == 1

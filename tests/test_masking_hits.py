@@ -190,3 +190,17 @@ def test_strings_remembered_across_bodies_by_the_walk_are_only_clean_ones() -> N
         result = masker.mask_json(body, secrets=True)
         assert token.encode() not in result.body and b"dg==" not in result.body and result.masked == 2
     assert "Secret" in masker.clean and token not in masker.clean and not any("eyJ" in s for s in masker.clean)
+
+
+def test_an_escaped_slash_is_never_read_past_by_the_byte_scans() -> None:
+    # `\/` is JSON for `/`: a connection string written `postgres:\/\/...` holds the `://` literal
+    # only once decoded, so the scans must not decide from its bytes (Go and Python never write it,
+    # any other producer may).
+    body = b'{"kind": "ConfigMap", "data": {"url": "postgres:\\/\\/app:hunter2pw@db:5432\\/app"}}'
+    scanner = Masker().hits
+    assert py_string_hits(body, scanner.lowered, scanner.exact, 64) is None
+    if c_string_hits is not None:
+        assert c_string_hits(body, scanner.lowered, scanner.exact, 64) is None
+    assert Masker().detectors.could_match_body(body)
+    result = Masker().mask_json(body)
+    assert b"hunter2pw" not in result.body and result.masked == 1

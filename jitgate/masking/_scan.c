@@ -10,8 +10,8 @@
  * the quotes of the key of the object it is a member of (`"annotations"` for an annotation's
  * name), or -1, -1 when that object is an array element or the top level.
  *
- * None when the scan cannot read the body exactly: a \u escape (it could spell a literal in other
- * bytes), a quote that does not close, a value after ':' whose key is not a string, or more than
+ * None when the scan cannot read the body exactly: a \u or \/ escape (either could spell a literal
+ * in other bytes), a quote that does not close, a value after ':' whose key is not a string, or more than
  * `max_strings` strings with hits. The caller then parses the body instead. Every literal has a
  * character JSON allows only inside strings (the caller checks), so a hit always lies inside one
  * string, whose quotes are the nearest unescaped ones on each side.
@@ -187,7 +187,8 @@ static PyObject *string_hits(PyObject *self, PyObject *args) {
     Py_ssize_t found = 0;
     for (const unsigned char *b = memchr(s, '\\', (size_t)n); b != NULL && b + 1 < s + n;
          b = memchr(b + 2, '\\', (size_t)(s + n - b - 2))) {
-        if (b[1] == 'u') goto unreadable;  /* an escape pair: the next backslash starts after it */
+        /* \u and \/ could spell a literal's bytes otherwise (no encoder kube uses writes either) */
+        if (b[1] == 'u' || b[1] == '/') goto unreadable;  /* an escape pair: the next backslash starts after it */
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned v = (unsigned)s[i] << 8 | (i + 1 < n ? s[i + 1] : 0);

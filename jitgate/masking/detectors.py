@@ -240,7 +240,9 @@ def derived_hints(pattern: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
                         best = found
 
             for op, arg in items:
-                if op is c.LITERAL and arg < 0x80:
+                # Printable ASCII only: a body holds a control character, a quote or a backslash
+                # escaped (`\\n`), so a byte scan would never find such a literal as written.
+                if op is c.LITERAL and 0x20 <= arg < 0x7F and arg not in (0x22, 0x5C):
                     run.append(chr(arg))
                     continue
                 consider(["".join(run)] if run else None)
@@ -280,8 +282,8 @@ class _Prefilter:
     """Literal scans that find every body a set of literals (and unhinted patterns) could match.
 
     `lowered`: searched in the lower-cased body; `exact`: in the body as it is (case-sensitive ones,
-    so no lowering is needed for them). A JSON `\\u` escape could spell a literal in other bytes, so a
-    body with one is always looked at (kube-apiserver escapes only `<>&`: rare)."""
+    so no lowering is needed for them). A JSON `\\u` or `\\/` escape could spell a literal in other
+    bytes, so a body with one is always looked at (kube-apiserver escapes only `<>&`: rare)."""
 
     def __init__(self, lowered: set[str], exact: set[str], unhinted: tuple[re.Pattern, ...]) -> None:
         literals = {x.lower().encode() for x in lowered}
@@ -305,7 +307,7 @@ class _Prefilter:
         # a big one by the literal scans (the combined pattern tries every branch at every byte).
         self.small_lowered = re.compile(b"|".join(re.escape(x) for x in self.lowered)) if self.lowered else None
         self.small_exact = re.compile(b"|".join([re.escape(x) for x in self.exact] + [r.pattern for r in self.exact_res]
-                                                + [re.escape(b"\\u")]))
+                                                + [re.escape(b"\\u"), re.escape(b"\\/")]))
 
     def __call__(self, body: bytes) -> bool:
         if not body.isascii() and any(c in body for c in _FOLDS_TO_ASCII):
@@ -325,7 +327,7 @@ class _Prefilter:
         for regex in self.exact_res:
             if regex.search(body):
                 return True
-        if b"\\u" in body:
+        if b"\\u" in body or b"\\/" in body:
             return True
         return self._unhinted(body)
 

@@ -142,7 +142,7 @@ class HitScanner:
 def py_string_hits(body: bytes, lowered: tuple[bytes, ...], exact: tuple[bytes, ...],
                    max_strings: int) -> list[tuple[int, int, int, int, int]] | None:
     """What jitgate.masking._scan.string_hits answers (see _scan.c), in Python."""
-    if b"\\u" in body:
+    if b"\\u" in body or b"\\/" in body:
         return None
     positions: list[int] = []
     low = body.lower()
