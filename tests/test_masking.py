@@ -573,3 +573,15 @@ def test_derived_hints_hold_only_characters_a_json_body_shows_as_written() -> No
     body = json.dumps({"kind": "ConfigMap", "data": {"cert": "BEGIN\nACME KEY123456"}}).encode()
     result = Masker(custom).mask_json(body)
     assert b"123456" not in result.body and result.masked == 1
+
+
+def test_digit_strings_skip_the_detectors_only_while_no_literal_is_made_of_digits() -> None:
+    from jitgate.masking.detectors import derived_hints
+
+    assert D.digits_undetectable and not D.may_detect("123456789")
+    card = DetectorSet(list(BUILTIN) + [Detector("card", r"4111(?P<value>\d{12})", "", *derived_hints(r"4111(?P<value>\d{12})"))])
+    assert not card.digits_undetectable and card.may_detect("4111111111111111")
+    assert card.mask_text("4111111111111111") == ("4111[masked:card]", 1)
+    body = json.dumps({"kind": "ConfigMap", "data": {"n": "4111111111111111"}, "metadata": {"resourceVersion": "4111111111111111"}}).encode()
+    result = Masker(card).mask_json(body)
+    assert b"111111111111" not in result.body and result.masked == 2

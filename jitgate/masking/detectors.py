@@ -111,6 +111,9 @@ class DetectorSet:
         # pattern's search, and a string shorter than every possible match is not searched at all.
         self.text_lowered = tuple(r.decode() for r in self.text_prefilter.lowered)
         self.text_exact = tuple(sorted({h for d in self.detectors for h in d.exact_hints}))
+        self.text_lowered_rx = re.compile("|".join(map(re.escape, self.text_lowered))) if self.text_lowered else None
+        self.text_exact_rx = re.compile("|".join(map(re.escape, self.text_exact))) if self.text_exact else None
+        self.digits_undetectable = not any(h.isdigit() for h in self.text_lowered + self.text_exact)
         self.min_length = min((_min_width(d.pattern) for d in self.detectors), default=0)
         self.is_secret_name = functools.lru_cache(maxsize=4096)(self._is_secret_name)
         # Per detector, the literals one of which its every match holds: a string is searched only by
@@ -179,14 +182,14 @@ class DetectorSet:
         """False when no detector can match `text`: none of their literals is in it."""
         if self.unhinted or not text.isascii():  # re's IGNORECASE folds ſ to s, K (Kelvin) to k...
             return True
-        lowered = text.lower()
-        for literal in self.text_lowered:
-            if literal in lowered:
-                return True
-        for literal in self.text_exact:
-            if literal in text:
-                return True
-        return False
+        if self.digits_undetectable and text.isdigit():
+            return False  # resourceVersions, generations, ports: no literal is made of digits alone
+        # One search of the literals' alternation costs less than a check per literal.
+        if self.text_lowered_rx is not None and self.text_lowered_rx.search(text.lower()) is not None:
+            return True
+        return self.text_exact_rx is not None and self.text_exact_rx.search(text) is not None
+
+    may_detect = _may_detect
 
     def could_match_body(self, body: bytes) -> bool:
         """Whether a detector or a secret name could match somewhere in a whole body: False lets it pass unparsed."""

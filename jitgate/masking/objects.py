@@ -201,6 +201,12 @@ class Masker:
             return text
         hit = self.memo.get(text)
         if hit is None:
+            if not self.detectors.may_detect(text):  # most strings: no detector's literal in them
+                if len(text) <= CLEAN_TEXT_MAX:
+                    if len(self.clean) >= CLEAN_TEXTS:
+                        self.clean.clear()
+                    self.clean.add(text)
+                return text
             hit = self.detectors.mask_text(text)
             if not hit[1] and len(text) <= CLEAN_TEXT_MAX:
                 if len(self.clean) >= CLEAN_TEXTS:
