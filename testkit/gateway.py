@@ -53,10 +53,17 @@ class GatewayProcess:
         return cmd
 
     def start(self) -> "GatewayProcess":
+        return self.launch().wait_ready()
+
+    def launch(self) -> "GatewayProcess":
+        """Start the process without waiting for it: several gateways start faster side by side."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env)
+        return self
+
+    def wait_ready(self) -> "GatewayProcess":
         try:
             wait_for_port(self.proxy_port, self.proc, timeout=30)
             for _, port in self.reverse.values():
