@@ -34,9 +34,11 @@ from jitgate.access.errors import AccessError, NotFound
 from jitgate.access.messages import approvals_required, notification_view
 from jitgate.access.model import AccessRequest, Decision, Grant, Principal, RequestState
 from jitgate.access.rules import AccessRule, rule_named, rules_for
-from jitgate.access.workflow import operation_approvals
 from jitgate.access.scope import Scope
+from jitgate.access.workflow import operation_approvals
 from jitgate.kube.status import REASONS, status
+from jitgate.policy.sessions import AUDITOR
+from jitgate.recording.sessions import SESSION_ID
 from jitgate.store.sqlite import SQLiteStore, StoreError
 from jitgate.timefmt import parse_duration
 
@@ -431,8 +433,6 @@ def audit_annotations(method: str, target: str, request_body: bytes, status_code
     except Refused:
         route, ident = None, None
     if route is not None and route.action in SESSION_ACTIONS:
-        from jitgate.api.sessions_api import session_annotations
-
         return out | session_annotations(route.action, ident, status_code, answer)
     reason = None
     if request_body:
@@ -631,3 +631,32 @@ def _limit(query: Mapping[str, str]) -> int:
 
 def _reviewed_rules(rules: Iterable[AccessRule], who: Principal) -> frozenset[str]:
     return frozenset(r.name for r in rules if r.is_reviewer(who.groups))
+
+
+def session_annotations(action: str, ident: str | None, status_code: int, answer: Any) -> dict[str, str]:
+    """What the audit event of a sessions call carries: which session, whose, seen as what (owner,
+    reviewer, auditor), what was exported and how large."""
+    out: dict[str, str] = {}
+    if ident and SESSION_ID.fullmatch(ident):
+        out["jitgate.dev/api-session"] = ident
+    if isinstance(answer, Download):
+        out["jitgate.dev/api-session"] = answer.session
+        out["jitgate.dev/api-session-user"] = answer.owner or "anonymous"
+        out["jitgate.dev/api-session-visibility"] = answer.visible_as
+        out["jitgate.dev/api-session-export"] = answer.kind
+        out["jitgate.dev/api-outcome"] = f"exported {answer.kind} {answer.filename} ({len(answer.data)} bytes)"
+        return out
+    subject = answer if isinstance(answer, dict) else {}
+    if subject.get("kind") == "Status":
+        out["jitgate.dev/api-outcome"] = f"refused {status_code}: {str(subject.get('message', ''))[:300]}"
+    elif action == "list_sessions":
+        items = subject.get("items") or []
+        out["jitgate.dev/api-sessions-listed"] = str(len(items))
+        if any(i.get("visible_as") == AUDITOR for i in items):
+            out["jitgate.dev/api-session-visibility"] = AUDITOR
+        out["jitgate.dev/api-outcome"] = f"listed {len(items)} session(s)"
+    else:
+        out["jitgate.dev/api-session-user"] = str(subject.get("user") or "anonymous")
+        out["jitgate.dev/api-session-visibility"] = str(subject.get("visible_as", ""))
+        out["jitgate.dev/api-outcome"] = f"timeline of {len(subject.get('timeline') or [])} call(s)"
+    return out

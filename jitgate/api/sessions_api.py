@@ -29,7 +29,7 @@ from typing import Any
 from jitgate.access.errors import NotFound
 from jitgate.access.rules import AccessRule
 from jitgate.api.access_api import ApiCall, Download, Refused, _bad
-from jitgate.policy.sessions import AUDITOR, SessionsPolicy
+from jitgate.policy.sessions import SessionsPolicy
 from jitgate.recording import har
 from jitgate.recording.flowfile import complete_length
 from jitgate.recording.index import Filters, Index, SessionRow, Visible
@@ -217,35 +217,6 @@ def session_view(row: SessionRow, visible_as: str) -> dict[str, Any]:
     return {"id": row.id, "kind": row.kind, "user": row.user, "grant": row.grant, "rule": row.rule, "cluster": row.cluster,
             "created": rfc3339(row.created), "first": rfc3339(row.first), "last": rfc3339(row.last), "calls": row.calls,
             "denied": row.denied, "execs": row.execs, "visible_as": visible_as}
-
-
-def session_annotations(action: str, ident: str | None, status_code: int, answer: Any) -> dict[str, str]:
-    """What the audit event of a sessions call carries: which session, whose, seen as what (owner,
-    reviewer, auditor), what was exported and how large."""
-    out: dict[str, str] = {}
-    if ident and SESSION_ID.fullmatch(ident):
-        out["jitgate.dev/api-session"] = ident
-    if isinstance(answer, Download):
-        out["jitgate.dev/api-session"] = answer.session
-        out["jitgate.dev/api-session-user"] = answer.owner or "anonymous"
-        out["jitgate.dev/api-session-visibility"] = answer.visible_as
-        out["jitgate.dev/api-session-export"] = answer.kind
-        out["jitgate.dev/api-outcome"] = f"exported {answer.kind} {answer.filename} ({len(answer.data)} bytes)"
-        return out
-    subject = answer if isinstance(answer, dict) else {}
-    if subject.get("kind") == "Status":
-        out["jitgate.dev/api-outcome"] = f"refused {status_code}: {str(subject.get('message', ''))[:300]}"
-    elif action == "list_sessions":
-        items = subject.get("items") or []
-        out["jitgate.dev/api-sessions-listed"] = str(len(items))
-        if any(i.get("visible_as") == AUDITOR for i in items):
-            out["jitgate.dev/api-session-visibility"] = AUDITOR
-        out["jitgate.dev/api-outcome"] = f"listed {len(items)} session(s)"
-    else:
-        out["jitgate.dev/api-session-user"] = str(subject.get("user") or "anonymous")
-        out["jitgate.dev/api-session-visibility"] = str(subject.get("visible_as", ""))
-        out["jitgate.dev/api-outcome"] = f"timeline of {len(subject.get('timeline') or [])} call(s)"
-    return out
 
 
 def _moment(query, key: str, now: float) -> float | None:

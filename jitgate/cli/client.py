@@ -14,6 +14,7 @@ usable answer (configuration, connection, TLS).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import calendar
@@ -402,22 +403,38 @@ class Client:
 
     def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None) -> dict:
         """One API call (`path` below /jitgate/v1/); the answer's JSON object."""
-        c = self.connection
-        server = urlsplit(c.server)
-        target = server.path.rstrip("/") + API_PREFIX + path
-        if query:
-            target += "?" + urlencode(query)
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT, "Authorization": f"Bearer {c.tokens.token()}"}
+        target = path + ("?" + urlencode(query) if query else "")
+        headers = {"Accept": "application/json"}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        response, raw, where = self._exchange(method, target, headers, data, MAX_RESPONSE)
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ClientError(f"the answer from {where} is not a JSON object: is {self.connection.server} the jitgate gateway?")
+        return answer
+
+    def download(self, path: str, max_bytes: int) -> bytes:
+        """A GET whose answer is bytes, not JSON (a recording: HAR, flow file, asciicast)."""
+        return self._exchange("GET", path, {"Accept": "*/*"}, None, max_bytes)[1]
+
+    def _exchange(self, method: str, target: str, headers: dict[str, str], data: bytes | None,
+                  max_bytes: int) -> tuple[http.client.HTTPResponse, bytes, str]:
+        """One request below /jitgate/v1/ with the caller's token: (response, its body, where it went).
+        An error status raises ApiError with the gateway's message; a body over `max_bytes`, ClientError."""
+        c = self.connection
+        server = urlsplit(c.server)
+        headers = {**headers, "User-Agent": USER_AGENT, "Authorization": f"Bearer {c.tokens.token()}"}
         where = f"{server.hostname}:{server.port or 443}" + (f" through the proxy {_redact(c.proxy)}" if c.proxy else "")
         conn = self._open(server)
         try:
-            conn.request(method, target, body=data, headers=headers)
+            conn.request(method, server.path.rstrip("/") + API_PREFIX + target, body=data, headers=headers)
             response = conn.getresponse()
-            raw = response.read(MAX_RESPONSE + 1)
+            raw = response.read(max_bytes + 1)
         except ssl.SSLCertVerificationError as e:
             raise ClientError(f"cannot verify the TLS certificate of {server.hostname}: {e.verify_message}; "
                               "is the kubeconfig's certificate-authority (or --ca) the gateway's CA?") from None
@@ -425,20 +442,18 @@ class Client:
             raise ClientError(f"cannot reach the gateway at {where}: {_describe(e)}") from None
         finally:
             conn.close()
-        if len(raw) > MAX_RESPONSE:
+        if len(raw) > max_bytes:
             raise ClientError(f"the answer from {where} is too large")
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            answer = None
         if response.status >= 400:
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                answer = None
             if isinstance(answer, dict) and isinstance(answer.get("message"), str):
                 raise ApiError(response.status, answer["message"], str(answer.get("reason") or ""))
             text = raw[:300].decode("utf-8", "replace").strip()
             raise ApiError(response.status, f"HTTP {response.status} {response.reason}" + (f": {text}" if text else ""))
-        if not isinstance(answer, dict):
-            raise ClientError(f"the answer from {where} is not a JSON object: is {c.server} the jitgate gateway?")
-        return answer
+        return response, raw, where
 
     def _open(self, server) -> http.client.HTTPSConnection:
         c = self.connection
@@ -522,3 +537,17 @@ def parse_time(value: Any) -> float | None:
             continue
     return None
 
+
+def connection_flags() -> argparse.ArgumentParser:
+    """The flags that say how a command reaches the gateway (every access command, `jitgate sessions`)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    g = flags.add_argument_group("connection (by default from the kubeconfig context you use for the gateway)")
+    g.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    g.add_argument("--context", help="kubeconfig context (default: its current-context)")
+    g.add_argument("--server", metavar="URL", help="the gateway's URL, or the cluster endpoint when going through --proxy")
+    g.add_argument("--proxy", metavar="URL", help="the gateway as HTTP CONNECT proxy, e.g. http://127.0.0.1:8080 (default: proxy-url)")
+    g.add_argument("--ca", metavar="FILE", help="the gateway's CA certificate (default: certificate-authority[-data])")
+    g.add_argument("--token", help="OIDC ID token (visible to other local users in the process list: prefer "
+                                   "$JITGATE_TOKEN or the kubeconfig user)")
+    g.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS", help="per call (default: 30)")
+    return flags

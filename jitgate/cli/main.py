@@ -23,6 +23,7 @@ from jitgate.cli.client import (
     ApiError,
     Client,
     ClientError,
+    connection_flags,
     load_connection,
     parse_time,
 )
@@ -504,22 +505,8 @@ def _request_text(r: dict, now: float, viewer: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _connection_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False)
-    g = flags.add_argument_group("connection (by default from the kubeconfig context you use for the gateway)")
-    g.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
-    g.add_argument("--context", help="kubeconfig context (default: its current-context)")
-    g.add_argument("--server", metavar="URL", help="the gateway's URL, or the cluster endpoint when going through --proxy")
-    g.add_argument("--proxy", metavar="URL", help="the gateway as HTTP CONNECT proxy, e.g. http://127.0.0.1:8080 (default: proxy-url)")
-    g.add_argument("--ca", metavar="FILE", help="the gateway's CA certificate (default: certificate-authority[-data])")
-    g.add_argument("--token", help="OIDC ID token (visible to other local users in the process list: prefer "
-                                   "$JITGATE_TOKEN or the kubeconfig user)")
-    g.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS", help="per call (default: 30)")
-    return flags
-
-
 def _add_access_commands(sub) -> None:
-    conn = _connection_flags()
+    conn = connection_flags()
 
     req = sub.add_parser("request", parents=[conn], help="ask for access (a scope on one cluster, for a time)",
                          description="Ask for access. Without a grant, kubectl through the gateway prints the exact command to paste.")

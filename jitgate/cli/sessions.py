@@ -19,23 +19,21 @@ Two ways to reach them:
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import secrets
-import signal
 import shutil
+import signal
 import socket
 import sqlite3
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from jitgate.cli.client import API_PREFIX, USER_AGENT, ApiError, Client, ClientError, load_connection
+from jitgate.cli.client import Client, ClientError, connection_flags, load_connection
 from jitgate.recording import har
 from jitgate.recording.index import Filters, Index, SessionRow
 from jitgate.recording.recorder import FLOWS, HAR, INDEX
@@ -72,9 +70,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 def _connection(suppress: bool) -> argparse.ArgumentParser:
     """The connection flags every access command has. On the subcommands they have no defaults of
     their own, so `jitgate sessions --server URL show ID` keeps the URL."""
-    from jitgate.cli.main import _connection_flags  # loaded already: it registers this command
-
-    flags = _connection_flags()
+    flags = connection_flags()
     if suppress:
         for action in flags._actions:
             action.default = argparse.SUPPRESS
@@ -222,35 +218,8 @@ class Gateway:
         return view
 
     def download(self, path: str) -> bytes:
-        """A recording's bytes (HAR, flow file, asciicast), not JSON: Client.request's connection, a raw read."""
-        client = self.client
-        c = client.connection
-        server = urlsplit(c.server)
-        target = server.path.rstrip("/") + API_PREFIX + path
-        headers = {"Accept": "*/*", "User-Agent": USER_AGENT, "Authorization": f"Bearer {c.tokens.token()}"}
-        conn = client._open(server)
-        try:
-            conn.request("GET", target, headers=headers)
-            response = conn.getresponse()
-            raw = response.read(MAX_DOWNLOAD + 1)
-        except ssl.SSLCertVerificationError as e:
-            raise ClientError(f"cannot verify the TLS certificate of {server.hostname}: {e.verify_message}; "
-                              "is the kubeconfig's certificate-authority (or --ca) the gateway's CA?") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise ClientError(f"cannot reach the gateway at {server.hostname}:{server.port or 443}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
-        finally:
-            conn.close()
-        if len(raw) > MAX_DOWNLOAD:
-            raise ClientError("the recording the gateway sent is too large")
-        if response.status >= 400:
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                answer = None
-            if isinstance(answer, dict) and isinstance(answer.get("message"), str):
-                raise ApiError(response.status, answer["message"], str(answer.get("reason") or ""))
-            raise ApiError(response.status, f"HTTP {response.status} {response.reason}")
-        return raw
+        """A recording's bytes (HAR, flow file, asciicast), not JSON."""
+        return self.client.download(path, MAX_DOWNLOAD)
 
     def har(self, session_id: str) -> bytes:
         return self.download(f"sessions/{_segment(session_id)}/har")
