@@ -26,6 +26,7 @@ Flows read back with `-r` are not live and pass untouched.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -40,8 +41,6 @@ from mitmproxy.utils import human
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-
-import hashlib
 
 # The Kubernetes side's flow state, connection parts and stream capture (addons/recording.py), reused.
 from addons.recording import Capture, ConnectionParts, flow_state
@@ -201,10 +200,6 @@ def _version() -> str:
         return "0"
 
 
-def _drop_headers(fields, names: tuple[bytes, ...]) -> tuple:
-    return tuple((k, v) for k, v in fields if k.lower() not in names)
-
-
 class FrontRecording:
     """The front's exchanges in the session recordings: the Kubernetes side's Recorder, session ids,
     index rows, HAR entries and flow-file bytes (jitgate.mcp.recording makes the record they read)."""
@@ -281,20 +276,15 @@ class FrontRecording:
         capture = self.captures.pop(flow, None)
         if capture is not None:
             response["content"] = capture.body()
-            response["headers"] = _drop_headers(response["headers"], (b"content-encoding", b"content-length"))
+            response["headers"] = har.drop_headers(response["headers"], (b"content-encoding", b"content-length"))
             if capture.truncated:
                 notes["response"] = f"streamed body cut at {self.limit} bytes (mcp_recording_body_max_bytes)"
             return notes
+        why = har.undo_content_encoding(response, "response")
+        if why:
+            notes["response"] = why
+            return notes
         body = response.get("content") or b""
-        encoding = flow.response.headers.get("content-encoding", "identity").strip().lower()
-        if body and encoding not in ("", "identity"):
-            decoded = har.decode_body(body, encoding)
-            response["headers"] = _drop_headers(response["headers"], (b"content-encoding", b"content-length"))
-            if decoded is None:
-                response["content"] = b""
-                notes["response"] = f"response body not recorded: content encoding {encoding!r} could not be undone"
-                return notes
-            body = response["content"] = decoded
         if len(body) > self.limit:
             response["content"] = body[:self.limit]
             notes["response"] = f"response body cut at {self.limit} bytes (mcp_recording_body_max_bytes)"

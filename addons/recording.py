@@ -56,6 +56,7 @@ from jitgate.kube.status import status_body  # noqa: E402
 from jitgate.masking.negotiation import body_kind  # noqa: E402
 from jitgate.masking.objects import Masker, MaskingError  # noqa: E402
 from jitgate.masking.streams import LineMasker, WatchMasker  # noqa: E402
+from jitgate.masking.targets import mask_command_query  # noqa: E402
 from jitgate.policy.masking import MaskingPolicy  # noqa: E402
 from jitgate.recording import flowfile, har  # noqa: E402
 from jitgate.recording.cast import TerminalRecorder, stored_messages  # noqa: E402
@@ -63,7 +64,6 @@ from jitgate.recording.index import call_row  # noqa: E402
 from jitgate.recording.recorder import Recorder, RecordingsError, cast_name  # noqa: E402
 from jitgate.recording.retention import Deletion, Retention  # noqa: E402
 from jitgate.recording.scrub import scrub_bytes, scrub_state  # noqa: E402
-from jitgate.masking.targets import mask_command_query  # noqa: E402
 from jitgate.recording.sessions import SessionRef, session_for  # noqa: E402
 from jitgate.timefmt import parse_duration  # noqa: E402
 
@@ -115,10 +115,6 @@ def _header(fields, name: bytes) -> str:
         if k.lower() == name:
             return v.decode("latin-1")
     return ""
-
-
-def _drop_headers(fields, names: tuple[bytes, ...]) -> tuple:
-    return tuple((k, v) for k, v in fields if k.lower() not in names)
 
 
 class ConnectionParts:
@@ -571,24 +567,19 @@ class Recording:
         capture = self.captures.pop(flow, None)
         if capture is not None:
             response["content"] = capture.body()
-            response["headers"] = _drop_headers(response["headers"], (b"content-encoding", b"content-length"))
+            response["headers"] = har.drop_headers(response["headers"], (b"content-encoding", b"content-length"))
             if capture.note:
                 notes["response"] = capture.note
             elif capture.truncated:
                 notes["response"] = f"streamed body cut at {limit} bytes (recording_body_max_bytes)"
             return notes
-        body = response.get("content") or b""
-        if not body:
+        if not response.get("content"):
             return notes
-        encoding = _header(response["headers"], b"content-encoding")
-        if encoding and encoding.strip().lower() != "identity":
-            decoded = har.decode_body(body, encoding)
-            response["headers"] = _drop_headers(response["headers"], (b"content-encoding", b"content-length"))
-            if decoded is None:
-                response["content"] = b""
-                notes["response"] = f"response body not recorded: content encoding {encoding!r} could not be undone"
-                return notes
-            body = response["content"] = decoded
+        why = har.undo_content_encoding(response, "response")
+        if why:
+            notes["response"] = why
+            return notes
+        body = response["content"]
         if revealed and info is not None and info.is_resource_request and not call.denied:
             body, why = self.masked_revealed_body(body, _header(response["headers"], b"content-type"), info)
             response["content"] = body
@@ -608,7 +599,7 @@ class Recording:
             decoded = har.decode_body(body, encoding)
             if decoded is None:
                 return b"", f"request body not recorded: content encoding {encoding!r} could not be undone"
-            request["headers"] = _drop_headers(request["headers"], (b"content-encoding", b"content-length"))
+            request["headers"] = har.drop_headers(request["headers"], (b"content-encoding", b"content-length"))
             body = decoded
         content_type = _header(request.get("headers"), b"content-type")
         kind = body_kind(content_type)

@@ -421,3 +421,18 @@ def test_request_bodies_are_masked_json_patches_included(addon) -> None:
     (session,) = [p for p in root.iterdir() if p.is_dir()]
     stored = {f.request.path: f for f in mitmproxy_io.FlowReader((session / "flows.mitm").open("rb")).stream()}
     assert json.loads(stored["/api/v1/namespaces/dev/pods/web"].request.content)[1]["value"] == "web"
+
+
+def test_recorded_bodies_are_kept_decoded_and_an_undecodable_one_is_left_out_with_a_note() -> None:
+    import gzip
+
+    body = b'{"kind":"PodList","items":[]}'
+    message = {"headers": ((b"Content-Type", b"application/json"), (b"Content-Encoding", b"gzip"),
+                           (b"Content-Length", b"99")), "content": gzip.compress(body)}
+    assert har.undo_content_encoding(message, "response") == ""
+    assert message["content"] == body and message["headers"] == ((b"Content-Type", b"application/json"),)
+    broken = {"headers": ((b"content-encoding", b"gzip"),), "content": b"not gzip at all"}
+    assert har.undo_content_encoding(broken, "request") == "request body not recorded: content encoding 'gzip' could not be undone"
+    assert broken["content"] == b"" and broken["headers"] == ()
+    plain = {"headers": ((b"Content-Length", b"2"),), "content": b"{}"}
+    assert har.undo_content_encoding(plain, "response") == "" and plain["headers"] == ((b"Content-Length", b"2"),)

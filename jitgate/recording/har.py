@@ -61,6 +61,28 @@ def _ms(start: float | None, end: float | None) -> float:
     return round((end - start) * 1000, 3)
 
 
+def drop_headers(fields, names: tuple[bytes, ...]) -> tuple:
+    """Header fields without those named (lower-case bytes)."""
+    return tuple((k, v) for k, v in fields if k.lower() not in names)
+
+
+def undo_content_encoding(message: dict, what: str) -> str:
+    """A recorded request or response state (`get_state()`'s) with its Content-Encoding undone in
+    place, the headers that described the encoded body dropped; the note to keep when the body could
+    not be decoded and was left out (recordings keep bodies as the client would read them), else ""."""
+    body = message.get("content") or b""
+    encoding = _header(message.get("headers"), b"content-encoding")
+    if not body or encoding.strip().lower() in ("", "identity"):
+        return ""
+    decoded = decode_body(body, encoding)
+    message["headers"] = drop_headers(message["headers"], (b"content-encoding", b"content-length"))
+    if decoded is None:
+        message["content"] = b""
+        return f"{what} body not recorded: content encoding {encoding!r} could not be undone"
+    message["content"] = decoded
+    return ""
+
+
 def decode_body(content: bytes, encoding: str) -> bytes | None:
     """A body with its Content-Encoding undone, or None when it cannot be (unknown coding, corrupt)."""
     coding = encoding.strip().lower()
