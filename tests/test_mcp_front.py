@@ -64,9 +64,13 @@ RULES = """\
 """
 
 
-def write_policy(folder: Path, idp, kube: MCPServerProcess, lite: MCPServerProcess, rules: str = RULES) -> Path:
+def write_policy(folder: Path, idp, kube: MCPServerProcess, lite: MCPServerProcess | None = None,
+                 rules: str = RULES) -> Path:
+    """The front's policy: `kube` (trusted, the front's own token) and, when given, `lite`."""
     (folder / "kube-token").write_text(FRONT_TOKEN + "\n")
     policy = folder / "mcp.yaml"
+    lite_server = "" if lite is None else (f"    - name: lite\n      upstream: {lite.upstream}\n"
+                                           f"      resource: {LITE}\n      scopes: [mcp.tools]\n")
     policy.write_text(textwrap.dedent(f"""\
         mcp:
           servers:
@@ -75,10 +79,7 @@ def write_policy(folder: Path, idp, kube: MCPServerProcess, lite: MCPServerProce
               resource: {KUBE}
               trusted: true
               upstream_token_file: kube-token
-            - name: lite
-              upstream: {lite.upstream}
-              resource: {LITE}
-              scopes: [mcp.tools]
+        """) + lite_server + textwrap.indent(textwrap.dedent(f"""\
           authorization_servers:
             - issuer: {idp.issuer}
               ca_file: {idp.ca_file}
@@ -86,7 +87,7 @@ def write_policy(folder: Path, idp, kube: MCPServerProcess, lite: MCPServerProce
               groups_claim: groups
               groups_prefix: "oidc:"
           allowed_origins: [{ORIGIN}]
-        """) + textwrap.indent(textwrap.dedent(rules), "  "))
+        """) + textwrap.dedent(rules), "  "))
     return policy
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import textwrap
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tests.test_mcp_front import (
     post,
     rpc,
     token_for,
+    write_policy,
 )
 
 ARGUMENT_SECRET = "hunter2-canary-password-value"
@@ -53,34 +53,13 @@ RULES = """\
 """
 
 
-def write_policy(folder: Path, idp, kube: MCPServerProcess) -> Path:
-    (folder / "kube-token").write_text(FRONT_TOKEN + "\n")
-    policy = folder / "mcp.yaml"
-    policy.write_text(textwrap.dedent(f"""\
-        mcp:
-          servers:
-            - name: kube
-              upstream: {kube.upstream}
-              resource: {KUBE}
-              trusted: true
-              upstream_token_file: kube-token
-          authorization_servers:
-            - issuer: {idp.issuer}
-              ca_file: {idp.ca_file}
-              username_claim: email
-              groups_claim: groups
-              groups_prefix: "oidc:"
-        """) + textwrap.indent(textwrap.dedent(RULES), "  "))
-    return policy
-
-
 @pytest.fixture(scope="module")
 def recorded(idp, tmp_path_factory):
     """The front, the calls made through it, and where it recorded them."""
     work = tmp_path_factory.mktemp("mcp-front-recording")
     kube = MCPServerProcess(work, stateless=False, name="kube").start()
     root = work / "recordings"
-    front = MCPFrontProcess(work, write_policy(work, idp, kube), {"kube": kube.upstream},
+    front = MCPFrontProcess(work, write_policy(work, idp, kube, rules=RULES), {"kube": kube.upstream},
                             {"mcp_recordings": str(root)})
     try:
         front.start()
