@@ -274,30 +274,27 @@ def masking_bytes_per_second(response_bytes: int) -> float:
     return len(body) / masking_seconds(body)
 
 
-def masking_curve() -> Curve:
+def masking_curve(max_bytes: int = MASKING_SIZES[-1]) -> Curve:
     """Masking against json.loads + json.dumps of the same SecretList, and the check a body without
-    secrets costs (a PodList of the same size), in MB/s; the ratios of scripts/bench/masking.py as notes."""
+    secrets costs (a PodList of the same size), in MB/s, for bodies up to `max_bytes`; the ratios of
+    scripts/bench/masking.py as notes."""
     curve = Curve("Masking throughput vs response size", "response bytes", "MB/s")
+    sizes = [s for s in MASKING_SIZES if s <= max_bytes]
     try:
-        for size in MASKING_SIZES:
+        for size in sizes:
             curve.add("masking (SecretList)", size, masking_bytes_per_second(size) / 1e6)
     except NotYetMeasurable as e:
         curve.not_measurable = str(e)
         return curve
     from scripts.bench import masking as bench_masking
 
-    for size in (s for s in MASKING_SIZES if s <= 10_000_000):  # the 50 MB point: masking alone (time)
+    for size in (s for s in sizes if s <= 10_000_000):  # the 50 MB point: masking alone (time)
         secrets, pods = bench_masking.secret_list_of_size(size), bench_masking.pod_list_of_size(size)
         curve.add("json.loads + json.dumps (SecretList)", size, len(secrets) / bench_masking.json_seconds(secrets) / 1e6)
         curve.add("no-secret check (PodList)", size, len(pods) / bench_masking.masking_seconds(pods) / 1e6)
     for name, row in bench_masking.measure().items():
         curve.notes.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     return curve
-
-
-def pending_curves() -> list[Curve]:
-    """The curves of steps that may not exist yet, each tried at its first size for its reason."""
-    return [masking_curve()]
 
 
 def spread(values: Sequence[float]) -> float:

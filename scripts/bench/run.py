@@ -316,8 +316,9 @@ class Bench:
 
     # -- curves and watches ------------------------------------------------------------------------
 
-    def curves(self, max_size: int) -> tuple[list[dict], list]:
-        """The in-process scaling curves, up to `max_size` identities and grants."""
+    def curves(self, max_size: int, calls: int = 20_000) -> tuple[list[dict], list]:
+        """The in-process scaling curves, up to `max_size` identities, grants, extra guardrail rules and
+        masked bytes (x 5,000), each point timed over `calls` calls (the smoke test asks for few)."""
         b = self.backends
         policy = load_policy(self.workdir / "policy.yaml")
         identities = [c for c in curves.IDENTITY_COUNTS if c <= max_size]
@@ -327,10 +328,11 @@ class Bench:
         found = [curves.identity_cache_curve(b.issuer, str(b.ca.cert_path), identities),
                  curves.grant_decision_curve(policy, grants),
                  curves.rule_decision_curve(policy)]
-        found += curves.pending_curves()
-        found.append(bench_guardrails.decision_curve())  # default pack + up to 10,000 extra rules
-        found.append(bench_approval.approval_curve())  # require-approval: digest and permit transaction
-        found.append(bench_self_review.cost_curve())  # kubectl auth whoami/can-i: the guard every call pays
+        found.append(curves.masking_curve(max_size * 5_000))
+        extra_rules = tuple(c for c in bench_guardrails.EXTRA_COUNTS if c <= max_size)  # default pack + extra rules
+        found.append(bench_guardrails.decision_curve(extra_rules, calls))
+        found.append(bench_approval.approval_curve(max(100, calls // 10)))  # digest and permit transaction
+        found.append(bench_self_review.cost_curve(calls))  # kubectl auth whoami/can-i: the guard every call pays
         # Copies: a curve object may be reused by its module afterwards (one CI run reported empty
         # curves that had been measured); the results must keep what was measured.
         return [copy.deepcopy(vars(c)) for c in found], curves.request_parsing_costs()

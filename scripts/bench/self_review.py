@@ -104,10 +104,10 @@ def measure(calls: int = 20_000) -> dict[str, float]:
     return out
 
 
-def cost_curve() -> Curve:
+def cost_curve(calls: int = 20_000) -> Curve:
     """The costs as notes of one curve (run.py collects curves)."""
     curve = Curve("Self-review step: per-call cost", "case", "µs per call")
-    for name, micros in measure().items():
+    for name, micros in measure(calls).items():
         curve.notes.append(f"{name}: {micros:.2f} µs")
     return curve
 
