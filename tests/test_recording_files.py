@@ -10,6 +10,8 @@ import importlib.util
 import io
 import json
 import os
+import random
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +73,93 @@ def test_flow_bytes_are_what_mitmproxys_flow_writer_writes() -> None:
         assert mine == theirs.getvalue()
     for value in ({"b": [1, -2, 3.25, None, True, False], "a": "é", "c": (b"\x00", {})}, [], 10**30, ""):
         assert flowfile.dumps(value) == tnetstring.dumps(value)
+
+
+# The C encoders are optional only where no C compiler exists (pyproject: optional = true); where one
+# does, a missing build fails these tests instead of skipping them.
+try:
+    from jitgate.recording import _encode
+except ImportError:
+    _encode = None
+needs_c_encoder = pytest.mark.skipif(
+    _encode is None and shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="no C compiler on this machine, so the optional C encoder could not be built")
+ENCODER_NOT_BUILT = "a C compiler is here but jitgate.recording._encode was not built (pip install -e .)"
+TEXT_ALPHABET = [chr(c) for c in range(0x30)] + list('abc"\\/é€😀\u2028\x7f') + ["x"] * 30
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    """A value of every type a flow state holds, nested (dict items in random order, repeated keys)."""
+    kind = rng.randrange(10 if depth < 4 else 7)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(0, 20))
+    if kind == 1:
+        return "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randrange(0, 10)))
+    if kind == 2:
+        return None
+    if kind == 3:
+        return rng.choice([True, False])
+    if kind == 4:
+        return rng.choice([0, -1, 7, 2**70, -2**65, rng.randrange(-10**6, 10**6)])
+    if kind == 5:
+        return rng.choice([0.0, -0.0, 1.5, 1e300, 5e-324, float("inf"), float("-inf"), float("nan"), rng.random()])
+    if kind == 6:
+        return b""
+    if kind == 7:
+        return {f"k{rng.randrange(50)}": random_value(rng, depth + 1) for _ in range(rng.randrange(0, 40))}
+    if kind == 8:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    return tuple(random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5)))
+
+
+def test_the_python_tnetstring_is_mitmproxys_on_generated_values() -> None:
+    rng = random.Random(7)
+    for _ in range(1500):
+        value = random_value(rng)
+        assert flowfile.py_dumps(value) == tnetstring.dumps(value), value
+
+
+@needs_c_encoder
+def test_the_c_tnetstring_is_mitmproxys_and_leaves_other_types_to_python() -> None:
+    assert _encode is not None, ENCODER_NOT_BUILT
+    rng = random.Random(11)
+    for _ in range(3000):
+        value = random_value(rng)
+        assert _encode.tnetstring(value) == tnetstring.dumps(value), value
+
+    class Text(str):
+        pass
+
+    for value in (Text("x"), {"a": [1, Text("x")]}, [True, {"b": Text("")}]):
+        assert _encode.tnetstring(value) is None  # a subclass: the Python twin writes it, as mitmproxy would
+        assert flowfile.dumps(value) == tnetstring.dumps(value)
+    with pytest.raises(ValueError):
+        flowfile.dumps({"a": bytearray(b"x")})  # neither writes what mitmproxy cannot
+    deep = []
+    for _ in range(200):  # deeper than the C encoder goes: the twin writes it
+        deep = [deep]
+    assert _encode.tnetstring(deep) is None and flowfile.dumps(deep) == tnetstring.dumps(deep)
+    with pytest.raises(UnicodeEncodeError):
+        _encode.tnetstring({"a": "\udcff"})  # as mitmproxy's own encoder refuses it
+
+
+def test_the_python_json_text_is_what_json_writes() -> None:
+    rng = random.Random(3)
+    for _ in range(3000):
+        text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randrange(0, 60)))
+        assert har.py_json_text(text.encode()) == json.dumps(text, ensure_ascii=False)[1:-1].encode(), text
+
+
+@needs_c_encoder
+def test_the_c_json_text_is_what_json_writes() -> None:
+    assert _encode is not None, ENCODER_NOT_BUILT
+    rng = random.Random(5)
+    for _ in range(20000):  # every length around the 8-byte steps, escapes at every offset
+        text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randrange(0, 60)))
+        assert _encode.json_text(text.encode()) == json.dumps(text, ensure_ascii=False)[1:-1].encode(), text
+    for text in ('"' * 5000 + "\x01" * 5000, "plain" * 1000, ""):  # past the first guess of the output size
+        assert _encode.json_text(text.encode()) == json.dumps(text, ensure_ascii=False)[1:-1].encode()
+    assert _encode.json_text(bytearray(b'a"b')) == b'a\\"b'
 
 
 def test_a_flow_cut_short_by_a_kill_is_dropped_when_the_file_opens_again(tmp_path: Path) -> None:

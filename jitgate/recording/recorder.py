@@ -160,7 +160,7 @@ class Recorder:
         except OSError as e:
             raise RecordingsError(f"cannot use the recordings folder {root}: {e.strerror or e}") from None
         try:
-            self.index = Index(root / INDEX)
+            self.index = Index(root / INDEX, checkpoint_every=1.0)
         except (sqlite3.Error, OSError) as e:
             self.lock.release()
             raise RecordingsError(f"cannot open the recordings index {root / INDEX}: {e}") from None
