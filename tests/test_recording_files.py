@@ -358,6 +358,31 @@ def test_stored_messages_keep_typed_lines_not_keystrokes() -> None:
 # --- index and retention ---------------------------------------------------------------------------------
 
 
+def test_the_gateways_index_is_checkpointed_by_its_own_thread_not_by_the_writer(tmp_path: Path) -> None:
+    ref = SessionRef("s1", "grant", "alice", "g1", "rule", "dev")
+    row = call_row("s1", {"auditID": "a", "request": {"verb": "get"}}, time.time(), 200, "/api", 1.0)
+
+    def main_file_after(index: Index, rows: int) -> int:
+        index.add_session(ref, time.time())
+        for _ in range(rows):
+            index.add_call(row)
+        deadline = time.monotonic() + 5
+        while index.checkpointer is not None and time.monotonic() < deadline and index.path.stat().st_size < 40_000:
+            time.sleep(0.02)
+        return index.path.stat().st_size
+
+    reader = Index(tmp_path / "plain.db")  # a reader's (or retention's) connection: SQLite's own checkpoints
+    assert reader.checkpointer is None and main_file_after(reader, 300) < 40_000  # all still in the WAL
+    reader.close()
+    writer = Index(tmp_path / "writer.db", checkpoint_every=0.05)
+    assert writer.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)  # the writer never checkpoints
+    assert main_file_after(writer, 300) >= 40_000  # the thread copied the WAL into the database
+    thread = writer.checkpointer
+    writer.close()
+    assert not thread.is_alive()
+    assert len(Index(tmp_path / "writer.db").calls("s1")) == 300
+
+
 def test_the_index_lists_sessions_by_user_cluster_namespace_grant_decision_and_time(tmp_path: Path) -> None:
     index = Index(tmp_path / "index.db")
     a = SessionRef("alice-grant-1", "grant", "alice@example.com", "grant-1", "dev-read", "dev")
