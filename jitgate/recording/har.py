@@ -313,9 +313,14 @@ def dumps(obj: dict) -> bytes:
         raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
     out = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=placeholder).encode()
+    if not texts:
+        return out
+    pieces, rest = [], out  # the entry without its bodies is small: the bodies are copied once, by the join
     for i, text in enumerate(texts):
-        out = out.replace(b'"\\u0000%s-%d\\u0000"' % (nonce.encode(), i), b'"' + json_text(text.data) + b'"', 1)
-    return out
+        before, _, rest = rest.partition(b'"\\u0000%s-%d\\u0000"' % (nonce.encode(), i))
+        pieces += (before, b'"', json_text(text.data), b'"')
+    pieces.append(rest)
+    return b"".join(pieces)
 
 
 def head(session_id: str, creator_version: str) -> bytes:
@@ -383,15 +388,16 @@ class HarFile:
             return False
         separator = b"\n" if self.empty else b",\n"
         if self.end + len(separator) + len(entry_bytes) + len(SUFFIX) + MARKER_RESERVE > self.max_bytes:
-            self._write(separator + dumps(truncation_entry(started, self.max_bytes)))
+            self._write(separator, dumps(truncation_entry(started, self.max_bytes)))
             self.truncated = True
             return False
-        self._write(separator + entry_bytes)
+        self._write(separator, entry_bytes)
         return True
 
-    def _write(self, data: bytes) -> None:
-        os.pwrite(self.fd, data + SUFFIX, self.end)
-        self.end += len(data)
+    def _write(self, separator: bytes, entry_bytes: bytes) -> None:
+        """Separator, entry and suffix in one write at the old suffix (gathered: the entry is not copied)."""
+        os.pwritev(self.fd, (separator, entry_bytes, SUFFIX), self.end)
+        self.end += len(separator) + len(entry_bytes)
         self.empty = False
 
     def close(self) -> None:
