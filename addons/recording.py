@@ -519,7 +519,7 @@ class Recording:
         if record.get("decision") == "deny":
             state["marked"] = ":no_entry:"
         flow_bytes = self.connections.flow_bytes(state, flow)
-        entry = har.dumps(har.entry(state, record, notes))
+        entry = har.dumps(har.entry(state, record, notes, comment))
         request, response = state["request"], state.get("response")
         ended = (response or {}).get("timestamp_end") or time.time()
         cast = cast_name(call.audit_id)

@@ -233,6 +233,16 @@ def test_the_har_cap_ends_with_one_truncation_entry(tmp_path: Path) -> None:
     assert not har.HarFile(path, "s1", har.MIN_MAX_BYTES).add(entry_bytes(99), time.time())  # still capped after a restart
 
 
+def test_har_times_are_what_datetime_writes() -> None:
+    import datetime
+
+    rng = random.Random(2)
+    moments = [0, 1.9995, 1.9999995, 5e-7, 1764612345.9999, 1764612346.0] + [rng.uniform(0, 2e9) for _ in range(20000)]
+    for moment in moments:  # one cached second after another, and back
+        want = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).isoformat(timespec="milliseconds")
+        assert har._iso(moment) == want.replace("+00:00", "Z"), moment
+
+
 def test_har_bodies_are_escaped_like_json_and_binary_is_base64() -> None:
     state = tflow.tflow(resp=True).get_state()
     state["request"]["content"] = "tab\there \"quoted\" back\\slash\nline é \x01".encode()

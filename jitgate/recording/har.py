@@ -31,9 +31,21 @@ MARKER_RESERVE = 4096  # room kept for the truncation marker entry
 MIN_MAX_BYTES = 64 * 1024
 
 
+_last_second: list = [None, ""]  # the last whole second formatted: calls of one second share it
+
+
 def _iso(timestamp: float | None) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp or 0, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 in UTC with milliseconds, as HAR's startedDateTime."""
+    timestamp = timestamp or 0
+    second = int(timestamp // 1)
+    micros = round((timestamp - second) * 1e6)  # as datetime rounds a timestamp: to microseconds, half even
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    millis = micros // 1000
+    if _last_second[0] != second:
+        moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+        _last_second[:] = [second, moment.strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_last_second[1]}.{millis:03d}Z"
 
 
 def _str(value) -> str:
@@ -110,6 +122,8 @@ def decode_body(content: bytes, encoding: str) -> bytes | None:
 
 
 def _is_text(content: bytes) -> bool:
+    if content.isascii():  # most bodies: no decode (and no copy) needed to know
+        return b"\x00" not in content
     try:
         content.decode("utf-8")
     except UnicodeDecodeError:
@@ -210,9 +224,10 @@ def summary(record: dict) -> str:
     return "; ".join(parts)
 
 
-def entry(state: dict, record: dict, notes: dict[str, str] | None = None) -> dict:
+def entry(state: dict, record: dict, notes: dict[str, str] | None = None, comment: str | None = None) -> dict:
     """The HAR entry of one flow state (`Flow.get_state()`, scrubbed and masked), with its record.
-    `notes`: comments on the request or response body (`request`, `response`: why it is cut or left out)."""
+    `notes`: comments on the request or response body (`request`, `response`: why it is cut or left out);
+    `comment`: the record's `summary` when the caller made it already."""
     notes = notes or {}
     request = state["request"]
     response = state.get("response")
@@ -269,7 +284,7 @@ def entry(state: dict, record: dict, notes: dict[str, str] | None = None) -> dic
         "response": har_response,
         "cache": {},
         "timings": timings,
-        "comment": summary(record),
+        "comment": summary(record) if comment is None else comment,
         "_jitgate": record,
     }
     peer = (state.get("server_conn") or {}).get("peername")
