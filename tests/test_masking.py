@@ -585,3 +585,37 @@ def test_digit_strings_skip_the_detectors_only_while_no_literal_is_made_of_digit
     body = json.dumps({"kind": "ConfigMap", "data": {"n": "4111111111111111"}, "metadata": {"resourceVersion": "4111111111111111"}}).encode()
     result = Masker(card).mask_json(body)
     assert b"111111111111" not in result.body and result.masked == 2
+
+
+def test_the_masker_reads_and_writes_json_as_the_json_module_does() -> None:
+    import random
+
+    from jitgate.masking import objects
+
+    rng = random.Random(4)
+
+    def value(depth: int = 0):
+        kind = rng.randrange(8 if depth < 4 else 5)
+        if kind == 0:
+            return "".join(rng.choice('ab"\\é\n\u2028\x01 ') for _ in range(rng.randrange(6)))
+        if kind == 1:
+            return rng.choice([0, -3, 10**20, 1.5, -0.0, 1e300, True, False, None])
+        if kind == 2:
+            return rng.choice([float("nan"), float("inf")]) if rng.random() < 0.1 else "x"
+        if kind in (3, 4):
+            return rng.randrange(100)
+        if kind == 5:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {f"k{rng.randrange(9)}": value(depth + 1) for _ in range(rng.randrange(5))}
+
+    for _ in range(3000):
+        v = value()
+        text = json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+        assert objects._encode(v) == text
+        padded = rng.choice(["", " ", "\n\t "]) + json.dumps(v, indent=rng.choice([None, 1])) + rng.choice(["", "\n", " \r\n"])
+        assert objects._encode(objects._decode(padded)) == text
+    for bad in ("", "  ", "{", '{"a":1} x', "[1,]", '{"a":1}{"b":2}', "nul"):
+        with pytest.raises(ValueError):
+            json.loads(bad)
+        with pytest.raises(ValueError):
+            objects._decode(bad)
