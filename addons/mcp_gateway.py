@@ -251,13 +251,13 @@ class FrontRecording:
                                       *notes.values()])
         if record["decision"] == "deny":
             state["marked"] = ":no_entry:"
-        flow_bytes = self.connections.flow_bytes(state, flow)
-        entry = har.dumps(har.entry(state, {**record, "mcp": mcp_record}, notes))
+        flow_pieces = self.connections.flow_pieces(state, flow)
+        entry = har.entry_pieces(har.entry(state, {**record, "mcp": mcp_record}, notes))
         request, response = state["request"], state.get("response")
         ended = (response or {}).get("timestamp_end") or time.time()
         row = call_row(ref.id, record, started, (response or {}).get("status_code", 0),
                        request["path"].decode("utf-8", "replace"), (ended - started) * 1000)
-        self.recorder.record(ref, flow_bytes, entry, started, row)
+        self.recorder.record(ref, flow_pieces, entry, started, row)
 
     def prepare(self, state: dict, flow: http.HTTPFlow, front: Front) -> dict[str, str]:
         """Bodies as recorded: the request's message masked, the answer as the caller got it, both bounded."""

@@ -132,14 +132,14 @@ class ConnectionParts:
             part = self.parts[conn] = (state, flowfile.dumps(state))
         return part[0]
 
-    def flow_bytes(self, state: dict, flow: http.HTTPFlow) -> bytes:
-        """The flow state's bytes in flows.mitm: what mitmproxy's FlowWriter writes for it."""
+    def flow_pieces(self, state: dict, flow: http.HTTPFlow) -> list[bytes]:
+        """The flow state's bytes in flows.mitm (what mitmproxy's FlowWriter writes for it), in pieces."""
         parts = {}
         for key, conn in (("client_conn", flow.client_conn), ("server_conn", flow.server_conn)):
             part = self.parts.get(conn)
             if part is not None and state.get(key) is part[0]:
                 parts[key] = part[1]
-        return flowfile.flow_bytes(state, parts)
+        return flowfile.flow_pieces(state, parts)
 
 
 def flow_state(flow: http.HTTPFlow, conn_state=connection.Connection.get_state) -> dict:
@@ -518,8 +518,8 @@ class Recording:
         state["comment"] = "\n".join([comment, *notes.values()])
         if record.get("decision") == "deny":
             state["marked"] = ":no_entry:"
-        flow_bytes = self.connections.flow_bytes(state, flow)
-        entry = har.dumps(har.entry(state, record, notes, comment))
+        flow_pieces = self.connections.flow_pieces(state, flow)
+        entry = har.entry_pieces(har.entry(state, record, notes, comment))
         request, response = state["request"], state.get("response")
         ended = (response or {}).get("timestamp_end") or time.time()
         cast = cast_name(call.audit_id)
@@ -529,7 +529,7 @@ class Recording:
         target = f"{request.get('host')}:{request.get('port')}" if method == "CONNECT" else request["path"].decode("utf-8", "replace")
         row = call_row(ref.id, record, call.received, (response or {}).get("status_code", 0), target,
                        (ended - (request.get("timestamp_start") or ended)) * 1000, cast, method.lower())
-        if not self.recorder.record(ref, flow_bytes, entry, request.get("timestamp_start") or call.received, row):
+        if not self.recorder.record(ref, flow_pieces, entry, request.get("timestamp_start") or call.received, row):
             call.annotations["jitgate.dev/recording-har"] = "truncated"
 
     def prepare(self, state: dict, flow: http.HTTPFlow, call, record: dict) -> dict[str, str]:

@@ -101,10 +101,10 @@ def main() -> None:
             connections = addon.connections
             report("  flow state", per_call(lambda f, states=states: states.append(module.flow_state(f, connections.state)), flows))
             report("  scrub (bodies were masked)", per_call(lambda s: scrub_state(s, detected=True), states))
-            report("  flows.mitm bytes", per_call(lambda f, states=states: connections.flow_bytes(states[0], f), flows))
+            report("  flows.mitm bytes", per_call(lambda f, states=states: connections.flow_pieces(states[0], f), flows))
             report("  (mitmproxy's FlowWriter)", per_call(lambda f: FlowWriter(io.BytesIO()).add(f), flows))
             record = call_of(flows[0]).record()
-            report("  HAR entry bytes", per_call(lambda s, record=record: har.dumps(har.entry(s, record)), states))
+            report("  HAR entry bytes", per_call(lambda s, record=record: har.entry_pieces(har.entry(s, record)), states))
             row = call_row("s", record, time.time(), 200, path, 1.0)
             index = addon.recorder.index
             report("  index row (SQLite commit)", per_call(lambda _, index=index, row=row: index.add_call(row), states))

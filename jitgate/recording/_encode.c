@@ -1,12 +1,14 @@
 /* The two encodings every recorded call pays for, each in one pass in C.
  *
- * tnetstring(value) -> bytes | None
+ * tnetstring(value, min_ref=0) -> bytes | list[bytes] | None
  *     A flow state as mitmproxy's tnetstring (what `mitmproxy.io.FlowWriter` writes): dict items
  *     last-first as mitmproxy orders them. Only the plain types (bytes, str, None, bool, int, float,
  *     dict, list, tuple; exact types, no subclasses); None for anything else, and the caller then
  *     writes the whole value in Python (jitgate.recording.flowfile.py_dumps, the twin).
  *     Two passes: the first measures every container's body in visiting order, the second writes
- *     into one buffer of the exact size, so nothing is copied twice.
+ *     into one buffer of the exact size, so nothing is copied twice. With `min_ref`, the pieces to
+ *     write one after the other (os.writev): bytes values of `min_ref` bytes or more (the bodies)
+ *     are not copied at all, the list holds them between the runs written around them.
  *
  * json_text(data) -> bytes
  *     UTF-8 text as the inside of a JSON string, as `json.dumps(text, ensure_ascii=False)[1:-1]`
@@ -27,6 +29,12 @@
 typedef struct {
     Py_ssize_t *sizes; /* container body sizes, in visiting order */
     Py_ssize_t count, cap, next;
+    /* pieces mode (min_ref > 0): bytes values of at least min_ref bytes are not copied, the output
+     * refers to them; ref_bytes is their total, refs/ref_at each one and where it goes */
+    Py_ssize_t min_ref, ref_bytes;
+    PyObject **refs;
+    Py_ssize_t *ref_at, nrefs, refcap;
+    char *base;
 } sizes_t;
 
 static int digits(Py_ssize_t n) {
@@ -81,7 +89,10 @@ static PyObject **items_last_first(PyObject *dict, PyObject **stack, Py_ssize_t 
 static Py_ssize_t measure(PyObject *value, sizes_t *s, int depth) {
     if (depth > MAX_DEPTH) return -2;
     PyTypeObject *type = Py_TYPE(value);
-    if (type == &PyBytes_Type) return framed(PyBytes_GET_SIZE(value));
+    if (type == &PyBytes_Type) {
+        if (s->min_ref > 0 && PyBytes_GET_SIZE(value) >= s->min_ref) s->ref_bytes += PyBytes_GET_SIZE(value);
+        return framed(PyBytes_GET_SIZE(value));
+    }
     if (type == &PyUnicode_Type) {
         Py_ssize_t n;
         if (PyUnicode_AsUTF8AndSize(value, &n) == NULL) return -1;
@@ -130,6 +141,22 @@ static char *write_value(PyObject *value, sizes_t *s, char *out) {
     if (type == &PyBytes_Type) {
         Py_ssize_t n = PyBytes_GET_SIZE(value);
         out = frame_head(out, n);
+        if (s->min_ref > 0 && n >= s->min_ref) {  /* referred to, not copied: its place is noted */
+            if (s->nrefs == s->refcap) {
+                Py_ssize_t cap = s->refcap ? s->refcap * 2 : 8;
+                PyObject **refs = PyMem_Realloc(s->refs, cap * sizeof(PyObject *));
+                if (refs == NULL) { PyErr_NoMemory(); return NULL; }
+                s->refs = refs;
+                Py_ssize_t *at = PyMem_Realloc(s->ref_at, cap * sizeof(Py_ssize_t));
+                if (at == NULL) { PyErr_NoMemory(); return NULL; }
+                s->ref_at = at;
+                s->refcap = cap;
+            }
+            s->refs[s->nrefs] = value;
+            s->ref_at[s->nrefs++] = out - s->base;
+            *out = ',';
+            return out + 1;
+        }
         memcpy(out, PyBytes_AS_STRING(value), n);
         out[n] = ',';
         return out + n + 1;
@@ -180,25 +207,57 @@ static char *write_value(PyObject *value, sizes_t *s, char *out) {
     return out + 1;
 }
 
-static PyObject *tnetstring(PyObject *self, PyObject *value) {
-    sizes_t s = {NULL, 0, 0, 0};
+/* The pieces of a value written in pieces mode: the copied runs between the referred-to values. */
+static PyObject *pieces_of(sizes_t *s, Py_ssize_t written) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    Py_ssize_t done = 0;
+    for (Py_ssize_t i = 0; i <= s->nrefs; i++) {
+        Py_ssize_t at = i < s->nrefs ? s->ref_at[i] : written;
+        PyObject *run = PyBytes_FromStringAndSize(s->base + done, at - done);
+        if (run == NULL || PyList_Append(out, run) < 0) { Py_XDECREF(run); Py_DECREF(out); return NULL; }
+        Py_DECREF(run);
+        if (i < s->nrefs && PyList_Append(out, s->refs[i]) < 0) { Py_DECREF(out); return NULL; }
+        done = at;
+    }
+    return out;
+}
+
+static PyObject *tnetstring(PyObject *self, PyObject *args) {
+    PyObject *value;
+    sizes_t s = {NULL, 0, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
+    if (!PyArg_ParseTuple(args, "O|n", &value, &s.min_ref)) return NULL;
     Py_ssize_t size = measure(value, &s, 0);
+    PyObject *out = NULL;
     if (size < 0) {
-        PyMem_Free(s.sizes);
-        if (size == -1) return NULL;
-        Py_RETURN_NONE;
+        if (size == -2) out = Py_NewRef(Py_None);
+        goto done;
     }
+    Py_ssize_t copied = size - s.ref_bytes;
     /* (sprintf's NUL after a length prefix always lands on a byte written after it) */
-    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
-    if (out == NULL) { PyMem_Free(s.sizes); return NULL; }
-    char *end = write_value(value, &s, PyBytes_AS_STRING(out));
-    PyMem_Free(s.sizes);
-    if (end == NULL) { Py_DECREF(out); return NULL; }
-    if (end - PyBytes_AS_STRING(out) != size) {
-        Py_DECREF(out);
-        PyErr_SetString(PyExc_RuntimeError, "tnetstring: a value changed while it was written");
-        return NULL;
+    if (s.min_ref > 0) {
+        s.base = PyMem_Malloc(copied + 1);
+        if (s.base == NULL) { PyErr_NoMemory(); goto done; }
+    } else {
+        out = PyBytes_FromStringAndSize(NULL, size);
+        if (out == NULL) goto done;
+        s.base = PyBytes_AS_STRING(out);
     }
+    char *end = write_value(value, &s, s.base);
+    if (end != NULL && end - s.base != copied) {
+        PyErr_SetString(PyExc_RuntimeError, "tnetstring: a value changed while it was written");
+        end = NULL;
+    }
+    if (end == NULL) {
+        Py_CLEAR(out);
+    } else if (s.min_ref > 0) {
+        out = pieces_of(&s, copied);
+    }
+    if (s.min_ref > 0) PyMem_Free(s.base);
+done:
+    PyMem_Free(s.sizes);
+    PyMem_Free(s.refs);
+    PyMem_Free(s.ref_at);
     return out;
 }
 
@@ -309,8 +368,9 @@ no_memory:
 }
 
 static PyMethodDef methods[] = {
-    {"tnetstring", tnetstring, METH_O,
-     "tnetstring(value) -> bytes as mitmproxy's tnetstring writes it, or None for a type left to Python"},
+    {"tnetstring", tnetstring, METH_VARARGS,
+     "tnetstring(value, min_ref=0) -> bytes as mitmproxy's tnetstring writes it (with min_ref: a list of "
+     "pieces, bytes values of min_ref bytes or more referred to, not copied), or None for a type left to Python"},
     {"json_text", json_text, METH_O, "json_text(utf8) -> the inside of a JSON string (json.dumps, ensure_ascii=False)"},
     {NULL, NULL, 0, NULL},
 };

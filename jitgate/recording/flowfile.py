@@ -3,8 +3,8 @@
 `dumps` writes exactly what mitmproxy's `tnetstring.dumps` (and so `mitmproxy.io.FlowWriter`) writes
 for the same state, dict items last-first as mitmproxy orders them: in C (jitgate.recording._encode,
 a twentieth of mitmproxy's time for a call's state) or, where that is not built or a value is of
-another type, `py_dumps` (half of mitmproxy's time: one call per value, no deque). `flow_bytes` puts a
-flow's state together with connection parts made once per connection. tests/test_recording_files.py
+another type, `py_dumps` (half of mitmproxy's time: one call per value, no deque). `flow_pieces` puts a
+flow's state together with connection parts made once per connection, its bodies not copied. tests/test_recording_files.py
 checks all three against mitmproxy's own writer.
 
 Plain Python (no mitmproxy).
@@ -71,10 +71,38 @@ def _general(value) -> bytes:
     raise ValueError(f"unserializable object: {value!r} ({type(value)})")
 
 
+PIECE_MIN = 4096  # bytes values at least this long (bodies) are written from where they are, not copied
+
+
+def _pieces(value) -> list[bytes]:
+    if _c_tnetstring is not None:
+        pieces = _c_tnetstring(value, PIECE_MIN)
+        if pieces is not None:
+            return pieces
+    return [py_dumps(value)]
+
+
+def flow_pieces(state: dict, parts: dict[str, bytes]) -> list[bytes]:
+    """A flow state's tnetstring as pieces to write one after the other (os.writev), with the values
+    of `parts`' keys already serialized (the connections): the bodies are pieces of their own, never
+    copied; the small pieces between them are joined."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    for key, value in reversed(state.items()):
+        run.append(dumps(key))
+        for piece in ([parts[key]] if key in parts else _pieces(value)):
+            if len(piece) >= PIECE_MIN:
+                out += (b"".join(run), piece)
+                run = []
+            else:
+                run.append(piece)
+    out.append(b"".join(run))
+    return [b"%d:" % sum(map(len, out)), *out, b"}"]
+
+
 def flow_bytes(state: dict, parts: dict[str, bytes]) -> bytes:
-    """A flow state's tnetstring, with the values of `parts`' keys already serialized (the connections)."""
-    body = b"".join([dumps(k) + (parts[k] if k in parts else dumps(v)) for k, v in reversed(state.items())])
-    return b"%d:%s}" % (len(body), body)
+    """A flow state's tnetstring in one piece (see `flow_pieces`)."""
+    return b"".join(flow_pieces(state, parts))
 
 
 def complete_length(read, size: int) -> int:

@@ -318,6 +318,11 @@ def truncation_entry(started: float, cap: int) -> dict:
 
 def dumps(obj: dict) -> bytes:
     """One entry on one line (JSON escapes every newline inside strings); bodies (`Text`) as UTF-8."""
+    return b"".join(entry_pieces(obj))
+
+
+def entry_pieces(obj: dict) -> list[bytes]:
+    """`dumps` as pieces to write one after the other: each body a piece of its own, not copied again."""
     texts: list[Text] = []
     nonce = os.urandom(6).hex()  # no other string of the entry can spell a placeholder
 
@@ -329,13 +334,13 @@ def dumps(obj: dict) -> bytes:
 
     out = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=placeholder).encode()
     if not texts:
-        return out
-    pieces, rest = [], out  # the entry without its bodies is small: the bodies are copied once, by the join
+        return [out]
+    pieces, rest = [], out
     for i, text in enumerate(texts):
         before, _, rest = rest.partition(b'"\\u0000%s-%d\\u0000"' % (nonce.encode(), i))
-        pieces += (before, b'"', json_text(text.data), b'"')
+        pieces += (before + b'"', json_text(text.data), b'"')
     pieces.append(rest)
-    return b"".join(pieces)
+    return pieces
 
 
 def head(session_id: str, creator_version: str) -> bytes:
@@ -397,22 +402,28 @@ class HarFile:
     def size(self) -> int:
         return self.end + len(SUFFIX)
 
-    def add(self, entry_bytes: bytes, started: float) -> bool:
-        """Append one entry (see `dumps`); False when the cap stops it (the marker is written once)."""
+    def add(self, entry: list[bytes], started: float) -> bool:
+        """Append one entry (`entry_pieces`); False when the cap stops it (the marker is written once)."""
         if self.truncated:
             return False
         separator = b"\n" if self.empty else b",\n"
-        if self.end + len(separator) + len(entry_bytes) + len(SUFFIX) + MARKER_RESERVE > self.max_bytes:
-            self._write(separator, dumps(truncation_entry(started, self.max_bytes)))
+        if self.end + len(separator) + sum(map(len, entry)) + len(SUFFIX) + MARKER_RESERVE > self.max_bytes:
+            self._write([separator, dumps(truncation_entry(started, self.max_bytes))])
             self.truncated = True
             return False
-        self._write(separator, entry_bytes)
+        self._write([separator, *entry])
         return True
 
-    def _write(self, separator: bytes, entry_bytes: bytes) -> None:
-        """Separator, entry and suffix in one write at the old suffix (gathered: the entry is not copied)."""
-        os.pwritev(self.fd, (separator, entry_bytes, SUFFIX), self.end)
-        self.end += len(separator) + len(entry_bytes)
+    def _write(self, pieces: list[bytes]) -> None:
+        """Pieces and suffix in one write where the old suffix began (gathered: nothing is copied)."""
+        size = sum(map(len, pieces))
+        pieces.append(SUFFIX)
+        written = os.pwritev(self.fd, pieces, self.end)
+        if written < size + len(SUFFIX):  # cut short (a signal, a full disk): the rest as one buffer
+            data = b"".join(pieces)
+            while written < len(data):
+                written += os.pwrite(self.fd, data[written:], self.end + written)
+        self.end += size
         self.empty = False
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ they pass. One gateway process writes a recordings folder (an exclusive lock on 
 gateway on the same folder is refused at start). At most `max_open` sessions keep files open; the
 least recently used is closed and reopened when needed.
 
-Plain Python (no mitmproxy): the flow file's bytes come from the caller.
+Plain Python (no mitmproxy): the flow file's bytes come from the caller, in pieces written together.
 """
 
 from __future__ import annotations
@@ -116,10 +116,13 @@ class FlowFile:
         if end != os.fstat(self.fd).st_size:
             os.ftruncate(self.fd, end)
 
-    def append(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+    def append(self, pieces: list[bytes]) -> None:
+        """One flow's pieces in one write (gathered: its bodies are not copied)."""
+        written = os.writev(self.fd, pieces)
+        if written < sum(map(len, pieces)):  # cut short (a signal, a full disk): the rest as one buffer
+            view = memoryview(b"".join(pieces))[written:]
+            while view:
+                view = view[os.write(self.fd, view):]
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -224,10 +227,11 @@ class Recorder:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def record(self, ref: SessionRef, flow_bytes: bytes, har_entry: bytes, started: float, row: tuple) -> bool:
-        """One completed call: its flow, its HAR entry (False: the HAR's cap stopped it), its index row."""
+    def record(self, ref: SessionRef, flow: list[bytes], har_entry: list[bytes], started: float, row: tuple) -> bool:
+        """One completed call: its flow and HAR entry (pieces: flowfile.flow_pieces, har.entry_pieces;
+        False: the HAR's cap stopped the entry), its index row."""
         files = self.files(ref)
-        files.flows.append(flow_bytes)
+        files.flows.append(flow)
         added = files.har.add(har_entry, started)
         self.index.add_call(row)
         return added
