@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from scripts.bench import load, report, run, upstream
+from scripts.bench.run import step_ms_per_call
 
 pytestmark = pytest.mark.skipif(
     upstream.nginx_binary() is None,
@@ -96,12 +97,13 @@ def test_headline_is_the_median_of_rounds_with_its_spread() -> None:
 
 
 def test_feature_cost_is_the_median_of_each_rounds_difference_in_points() -> None:
+
     def run(target: str, rps: float, cpu: float) -> dict:
         return {"target": target, "rps": rps, "cpu_s_per_1k": cpu}
 
-    rounds = [{"bare": run("bare", 200, 4.0), "gateway": run("gateway", 100, 8.0),
+    rounds = [{"bare": run("bare", 200, 4.0), "gateway": {**run("gateway", 100, 8.0), "step_ms": {"masking": 0.5, "recording": 1.0}},
                "without-masking": run("without-masking", 110, 7.0), "without-recording": run("without-recording", 130, 6.0)},
-              {"bare": run("bare", 100, 4.0), "gateway": run("gateway", 50, 8.0),
+              {"bare": run("bare", 100, 4.0), "gateway": {**run("gateway", 50, 8.0), "step_ms": {"masking": 0.7, "recording": 1.0}},
                "without-masking": run("without-masking", 56, 7.5), "without-recording": run("without-recording", 50, 8.0)}]
     costs = report.feature_costs(rounds, {"without-masking": "masking", "without-recording": "recording"},
                                  mode="reverse", connections=10)
@@ -112,6 +114,11 @@ def test_feature_cost_is_the_median_of_each_rounds_difference_in_points() -> Non
     assert masking["met"] is False and masking["cpu_ms_per_request"] == pytest.approx(0.75)
     assert recording["points"] == pytest.approx(7.5) and recording["cpu_points"] == pytest.approx((400 / 6 - 50) / 2)
     assert recording["met"] is True  # 8.3 points: within its budget of 10
+    # Inside the hooks, per round at its own ratio: masking 4/7.5-4/8 = 3.3 and 4/7.3-4/8 = 4.8; recording 4/7-4/8 twice.
+    assert masking["inside_ms"] == pytest.approx(0.6) and masking["inside_points"] == pytest.approx((400 / 7.5 + 400 / 7.3 - 100) / 2)
+    assert recording["inside_ms"] == pytest.approx(1.0) and recording["inside_points"] == pytest.approx(400 / 7 - 50)
+    assert step_ms_per_call({"responses": 10, "seconds": {"masking": 1.0}}, {"responses": 110, "seconds": {"masking": 1.05, "audit": 0.02}}) == (
+        {"masking": pytest.approx(0.5), "audit": pytest.approx(0.2)})
     lines = report.feature_cost_lines(costs)
     assert "masking" in lines[1] and "MISS" in lines[1] and "ok" in lines[2]
 
@@ -166,6 +173,8 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
         costs = bench.feature_costs(connections=2)
         assert [(r["step"], r["rounds"]) for r in costs["rows"]] == [("masking", 1), ("recording", 1)]
         assert all(r["cpu_ms_per_request"] is not None and r["budget_points"] for r in costs["rows"])
+        # The full chain timed its steps' hooks where they ran: both steps did work on every call.
+        assert all(r["inside_ms"] is not None and r["inside_ms"] > 0.01 for r in costs["rows"]), costs["rows"]
         assert not {"full", "without-masking", "without-recording"} & set(bench.proxies)  # stopped after measuring
 
         watch = bench.watch_memory((5,), proxies=("gateway",))
@@ -193,6 +202,7 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     assert "jitgate (full chain)" in text and "### Masking throughput vs response size" in text and "watch 20000 events: " in text
     assert "Not yet measurable: no masking step" not in text
     assert "## What each feature costs the full chain" in text and "| `masking` | 3 |" in text and "| `recording` | 10 |" in text
+    assert "inside its hooks, ms per call" in text
     assert json.loads((outdir / "results.json").read_text())["steady_state"]["oidc_calls"] == 0
     if with_plots:
         assert {"throughput.png", "latency.png", "curves.png"} <= {p.name for p in outdir.iterdir()}

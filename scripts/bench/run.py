@@ -26,6 +26,7 @@ import argparse
 import copy
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -372,8 +373,11 @@ class Bench:
         # A fresh full chain beside the fresh variants: all start with the same empty state (store,
         # recordings, caches), so what differs between them is the step alone.
         started = {"full": ""} | variants
+        step_times = self.workdir / "full-step-times.json"  # the full chain times its steps' hooks too
         for name, step in started.items():
             env = {**gateway_env(self.workdir), "JITGATE_BENCH_WITHOUT": step}
+            if name == "full":
+                env["JITGATE_BENCH_STEP_TIMES"] = str(step_times)
             proxy = ProxyProcess(name, self.workdir, b.nginx.api_url, b.ca.cert_path, cpus=self.proxy_cpus,
                                  policy=policy, env=env, script=VARIANT_SCRIPT, extra_options=GATEWAY_OPTIONS)
             self.stack.callback(proxy.stop)
@@ -391,7 +395,13 @@ class Bench:
         rounds = []
         for index in range(self.args.rounds):
             order = names[index % len(names):] + names[:index % len(names)]
-            measured = {name: self.phase(mode, True, connections, name, index) for name in order}
+            measured = {}
+            for name in order:
+                before = read_step_times(step_times) if name == "full" else None
+                measured[name] = self.phase(mode, True, connections, name, index)
+                if before is not None:
+                    time.sleep(STEP_TIMES_EVERY * 2.5)  # the file holds the phase's last calls
+                    measured[name]["step_ms"] = step_ms_per_call(before, read_step_times(step_times))
             measured["gateway"] = measured.pop("full")
             rounds.append(measured)
         for name in started:
@@ -467,6 +477,26 @@ PROFILE_GROUPS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("asyncio (transports, tasks)", lambda f: f.startswith("asyncio/")),
 )
 DISPATCH_ONLY = "hook dispatch itself (no addon code below it)"
+
+
+STEP_TIMES_EVERY = 0.5  # how often gateway_variant.py writes its step times
+
+
+def read_step_times(path: Path) -> dict[str, Any]:
+    for _ in range(50):  # written twice a second (replaced whole): there soon after the start
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    raise RuntimeError(f"the full chain wrote no step times to {path}")
+
+
+def step_ms_per_call(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """CPU ms inside each step's synchronous hooks per response, between two readings."""
+    calls = after["responses"] - before["responses"]
+    if calls <= 0:
+        return {}
+    return {step: (seconds - before["seconds"].get(step, 0.0)) / calls * 1000 for step, seconds in after["seconds"].items()}
 
 
 def summarize_profile(raw: str) -> dict[str, Any]:
