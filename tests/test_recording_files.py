@@ -392,7 +392,7 @@ def test_stored_messages_keep_typed_lines_not_keystrokes() -> None:
 # --- index and retention ---------------------------------------------------------------------------------
 
 
-def test_the_gateways_index_is_checkpointed_by_its_own_thread_not_by_the_writer(tmp_path: Path) -> None:
+def test_the_gateways_index_is_checkpointed_by_its_own_thread_not_by_the_writer(tmp_path: Path, monkeypatch) -> None:
     ref = SessionRef("s1", "grant", "alice", "g1", "rule", "dev")
     row = call_row("s1", {"auditID": "a", "request": {"verb": "get"}}, time.time(), 200, "/api", 1.0)
 
@@ -410,7 +410,21 @@ def test_the_gateways_index_is_checkpointed_by_its_own_thread_not_by_the_writer(
     reader.close()
     writer = Index(tmp_path / "writer.db", checkpoint_every=0.05)
     assert writer.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)  # the writer never checkpoints
+    import sqlite3
+
+    from jitgate.recording import index as index_module
+
+    connect, failures = sqlite3.connect, []
+
+    def flaky_connect(*args, **kwargs):  # the checkpointer's first connection fails: it tries again
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("disk I/O error")
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(index_module.sqlite3, "connect", flaky_connect)
     assert main_file_after(writer, 300) >= 40_000  # the thread copied the WAL into the database
+    assert failures and writer.checkpointer.is_alive()
     thread = writer.checkpointer
     writer.close()
     assert not thread.is_alive()

@@ -116,17 +116,25 @@ class Index:
             self.checkpointer.start()
 
     def _checkpoints(self, every: float) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+        """Until close: a PASSIVE checkpoint after each `every` seconds in which something was written.
+        Never ends on an error (the writer does not checkpoint, so the WAL would only grow): logs it,
+        opens its connection again and tries at the next pass."""
+        db: sqlite3.Connection | None = None
         seen = self.writes
-        try:
-            while not self.stopping.wait(every):
-                if self.writes != seen:
-                    seen = self.writes
-                    try:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    except sqlite3.Error:  # the next pass tries again; the writes go on into the WAL
-                        log.exception("could not checkpoint the recordings index %s", self.path)
-        finally:
+        while not self.stopping.wait(every):
+            if self.writes == seen:
+                continue
+            try:
+                if db is None:
+                    db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                seen = self.writes
+            except Exception:  # noqa: BLE001 - whatever broke, the next pass tries again
+                log.exception("could not checkpoint the recordings index %s", self.path)
+                if db is not None:
+                    db.close()
+                    db = None
+        if db is not None:
             db.close()
 
     def close(self) -> None:
