@@ -214,7 +214,7 @@ class FrontRecording:
 
     def capture(self, flow: http.HTTPFlow) -> None:
         """A streamed (SSE) answer: what the caller gets, as it passes, kept up to the body limit."""
-        capture = self.captures[flow] = Capture(self.limit)
+        capture = self.captures[flow] = Capture(self.limit, option="mcp_recording_body_max_bytes")
         inner = flow.response.stream
 
         def recorded_stream(chunk: bytes):
@@ -275,10 +275,8 @@ class FrontRecording:
             return notes
         capture = self.captures.pop(flow, None)
         if capture is not None:
-            response["content"] = capture.body()
-            response["headers"] = har.drop_headers(response["headers"], (b"content-encoding", b"content-length"))
-            if capture.truncated:
-                notes["response"] = f"streamed body cut at {self.limit} bytes (mcp_recording_body_max_bytes)"
+            if note := capture.keep_in(response):
+                notes["response"] = note
             return notes
         why = har.undo_content_encoding(response, "response")
         if why:

@@ -168,12 +168,13 @@ def flow_state(flow: http.HTTPFlow, conn_state=connection.Connection.get_state) 
 class Capture:
     """The masked chunks of a streamed response as they pass, up to `limit` bytes."""
 
-    __slots__ = ("chunks", "limit", "masker", "note", "size", "truncated")
+    __slots__ = ("chunks", "limit", "masker", "note", "option", "size", "truncated")
 
-    def __init__(self, limit: int, masker=None, note: str = "") -> None:
+    def __init__(self, limit: int, masker=None, note: str = "", option: str = "recording_body_max_bytes") -> None:
         self.chunks: list[bytes] = []
         self.size = 0
         self.limit = limit
+        self.option = option  # the option that set `limit`, named in the note of a cut body
         self.truncated = False
         self.masker = masker  # set for a revealed call: the recording masks what passed unmasked
         self.note = note  # set when the body is not kept at all
@@ -197,6 +198,15 @@ class Capture:
 
     def body(self) -> bytes:
         return b"".join(self.chunks)
+
+    def keep_in(self, response: dict) -> str:
+        """The captured body as a recorded response state's (the headers that described the body on the
+        wire dropped); the note to keep about it, else ""."""
+        response["content"] = self.body()
+        response["headers"] = har.drop_headers(response["headers"], (b"content-encoding", b"content-length"))
+        if self.note:
+            return self.note
+        return f"streamed body cut at {self.limit} bytes ({self.option})" if self.truncated else ""
 
 
 def _capturing(stream, capture: Capture):
@@ -566,12 +576,8 @@ class Recording:
             return notes
         capture = self.captures.pop(flow, None)
         if capture is not None:
-            response["content"] = capture.body()
-            response["headers"] = har.drop_headers(response["headers"], (b"content-encoding", b"content-length"))
-            if capture.note:
-                notes["response"] = capture.note
-            elif capture.truncated:
-                notes["response"] = f"streamed body cut at {limit} bytes (recording_body_max_bytes)"
+            if note := capture.keep_in(response):
+                notes["response"] = note
             return notes
         if not response.get("content"):
             return notes

@@ -57,6 +57,13 @@ class OIDCProviderProcess:
             raise RuntimeError("provider not started")
         return f"https://127.0.0.1:{self.port}"
 
+    def policy_section(self) -> str:
+        """The policy's `identity_providers:` section that trusts this provider as the tests use it
+        (audience jitgate, email as the username, groups prefixed "oidc:"), at the top level."""
+        return (f"identity_providers:\n  - issuer: {self.issuer}\n    client_ids: [jitgate]\n"
+                f"    ca_file: {self.ca_file}\n    username_claim: email\n    groups_claim: groups\n"
+                f'    groups_prefix: "oidc:"\n')
+
     def start(self, ca: TestCA, port: int | None = None) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         cert, key, self.ca_file = strict_server_cert(ca, self.directory, self.name, ["127.0.0.1", "localhost"])

@@ -143,14 +143,7 @@ def write_policy(folder: Path, ca: TestCA, idp: OIDCProviderProcess, sts: MotoSe
             credential:
               token_file: lab-token
             impersonate: true
-        identity_providers:
-          - issuer: {idp.issuer}
-            client_ids: [jitgate]
-            ca_file: {idp.ca_file}
-            username_claim: email
-            groups_claim: groups
-            groups_prefix: "oidc:"
-        """))
+        """) + idp.policy_section())
     return policy
 
 

@@ -197,14 +197,7 @@ clusters:
     ca_file: {ca.cert_path}
     credential:
       client_cert: {{cert_file: {gateway_cert[0]}, key_file: {gateway_cert[1]}}}
-identity_providers:
-  - issuer: {idp.issuer}
-    client_ids: [jitgate]
-    ca_file: {idp.ca_file}
-    username_claim: email
-    groups_claim: groups
-    groups_prefix: "oidc:"
-""")
+{idp.policy_section()}""")
         store = work / "jitgate.db"
         for cluster in ("inv", "direct"):
             grant_namespace(store, policy, cluster, GRANTED)

@@ -129,15 +129,7 @@ class ModesEnv(Env):
                   token_file: {work / "cluster-token"}
             """) for name, api in self.clusters.items())
         self.policy = work / "policy.yaml"
-        self.policy.write_text(RULES + "clusters:\n" + textwrap.indent(clusters, "  ") + textwrap.dedent(f"""\
-            identity_providers:
-              - issuer: {idp.issuer}
-                client_ids: [jitgate]
-                ca_file: {idp.ca_file}
-                username_claim: email
-                groups_claim: groups
-                groups_prefix: "oidc:"
-            """))
+        self.policy.write_text(RULES + "clusters:\n" + textwrap.indent(clusters, "  ") + idp.policy_section())
         self.store = work / "grants.db"
         self.gateway = GatewayProcess(work / "gw", self.policy,
                                       reverse_endpoints={name: f"https://{host}" for name, host in HOSTS.items()},

@@ -96,14 +96,7 @@ clusters:
     ca_file: {ca.cert_path}
     credential:
       client_cert: {{cert_file: {client_cert}, key_file: {client_key}}}
-identity_providers:
-  - issuer: {idp.issuer}
-    client_ids: [jitgate]
-    ca_file: {idp.ca_file}
-    username_claim: email
-    groups_claim: groups
-    groups_prefix: "oidc:"
-""")
+{idp.policy_section()}""")
     store = work / "jitgate.db"
     for cluster in ("token", "cert"):
         grant_everything(store, policy, cluster)

@@ -189,14 +189,7 @@ clusters:
     ca_file: {ca.cert_path}
     credential:
       token_file: cluster-token
-identity_providers:
-  - issuer: {idp.issuer}
-    client_ids: [jitgate]
-    ca_file: {idp.ca_file}
-    username_claim: email
-    groups_claim: groups
-    groups_prefix: "oidc:"
-""")
+{idp.policy_section()}""")
     store = work / "jitgate.db"
     for cluster in ("token", "cert", "odd"):
         grant_everything(store, policy, cluster)

@@ -3,9 +3,9 @@
 `dumps` writes exactly what mitmproxy's `tnetstring.dumps` (and so `mitmproxy.io.FlowWriter`) writes
 for the same state, dict items last-first as mitmproxy orders them: in C (jitgate.recording._encode,
 a twentieth of mitmproxy's time for a call's state) or, where that is not built or a value is of
-another type, `py_dumps` (half of mitmproxy's time: one call per value, no deque). `flow_pieces` puts a
-flow's state together with connection parts made once per connection, its bodies not copied. tests/test_recording_files.py
-checks all three against mitmproxy's own writer.
+another type, `py_dumps` (half of mitmproxy's time: one call per value, no deque). `flow_pieces`
+puts a flow's state together with connection parts made once per connection, its bodies not
+copied. tests/test_recording_files.py checks all three against mitmproxy's own writer.
 
 Plain Python (no mitmproxy).
 """
@@ -98,11 +98,6 @@ def flow_pieces(state: dict, parts: dict[str, bytes]) -> list[bytes]:
                 run.append(piece)
     out.append(b"".join(run))
     return [b"%d:" % sum(map(len, out)), *out, b"}"]
-
-
-def flow_bytes(state: dict, parts: dict[str, bytes]) -> bytes:
-    """A flow state's tnetstring in one piece (see `flow_pieces`)."""
-    return b"".join(flow_pieces(state, parts))
 
 
 def complete_length(read, size: int) -> int:

@@ -31,21 +31,22 @@ MARKER_RESERVE = 4096  # room kept for the truncation marker entry
 MIN_MAX_BYTES = 64 * 1024
 
 
-_last_second: list = [None, ""]  # the last whole second formatted: calls of one second share it
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted: calls of one second share it
 
 
 def _iso(timestamp: float | None) -> str:
     """RFC 3339 in UTC with milliseconds, as HAR's startedDateTime."""
+    global _last_second
     timestamp = timestamp or 0
     second = int(timestamp // 1)
     micros = round((timestamp - second) * 1e6)  # as datetime rounds a timestamp: to microseconds, half even
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
-    millis = micros // 1000
-    if _last_second[0] != second:
+    cached = _last_second  # read once: the pair is replaced whole, never changed in place
+    if cached[0] != second:
         moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
-        _last_second[:] = [second, moment.strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_last_second[1]}.{millis:03d}Z"
+        cached = _last_second = (second, moment.strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{micros // 1000:03d}Z"
 
 
 def _str(value) -> str:

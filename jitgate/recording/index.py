@@ -5,8 +5,9 @@ cluster, verb, resource, namespace, name, status code, decision, rule and grant,
 The gateway inserts a call when it is recorded, in its own transaction (after a SIGKILL every
 completed call is there), and never waits for the disk: its connection does not checkpoint, a
 thread of the index does, from a connection of its own, once a second when something was written
-(a checkpoint's fsync once cost every 300th insert ~10 ms, half of what inserting costs). The CLI and the access API's sessions routes read it beside the running
-gateway (each with a connection of its own). Deleting a session (retention) deletes its rows.
+(a checkpoint's fsync once cost every 300th insert ~10 ms, half of what inserting costs). The CLI
+and the access API's sessions routes read it beside the running gateway (each with a connection
+of its own). Deleting a session (retention) deletes its rows.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Index:
         opens its connection again and tries at the next pass."""
         db: sqlite3.Connection | None = None
         seen = self.writes
+        failing = False
         while not self.stopping.wait(every):
             if self.writes == seen:
                 continue
@@ -129,8 +131,13 @@ class Index:
                     db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 seen = self.writes
+                if failing:
+                    log.info("checkpoints of the recordings index %s work again", self.path)
+                failing = False
             except Exception:  # noqa: BLE001 - whatever broke, the next pass tries again
-                log.exception("could not checkpoint the recordings index %s", self.path)
+                if not failing:  # once per run of failures, not every second
+                    log.exception("could not checkpoint the recordings index %s", self.path)
+                failing = True
                 if db is not None:
                     db.close()
                     db = None

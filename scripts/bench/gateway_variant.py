@@ -60,7 +60,7 @@ class StepTimes:
         self.responses = 0
         threading.Thread(target=self._write, daemon=True, name="bench-step-times").start()
 
-    def timed(self, step_name: str, hook: str, fn):
+    def timed(self, step_name: str, fn):
         seconds = self.seconds
         seconds.setdefault(step_name, 0.0)
         clock = time.thread_time
@@ -83,7 +83,7 @@ class StepTimes:
 
     def _write(self) -> None:
         while True:
-            time.sleep(0.5)
+            time.sleep(0.5)  # scripts/bench/run.py's STEP_TIMES_EVERY: it waits for this
             temporary = self.path.with_suffix(".tmp")
             temporary.write_text(json.dumps({"responses": self.responses, "seconds": dict(self.seconds)}))
             temporary.replace(self.path)
@@ -95,7 +95,7 @@ def _timed_chain(steps: list, times: StepTimes) -> list:
         for hook in gateway.hooks.all_hooks:
             fn = getattr(step, hook, None)
             if callable(fn) and not inspect.iscoroutinefunction(fn) and hook not in ("load", "configure", "running", "done"):
-                setattr(step, hook, times.timed(name, hook, fn))
+                setattr(step, hook, times.timed(name, fn))
     return steps
 
 
