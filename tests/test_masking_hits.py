@@ -13,8 +13,8 @@ import shutil
 import pytest
 
 from jitgate.masking import hits as hits_module
-from jitgate.masking.hits import HitScanner, py_string_hits
-from jitgate.masking.objects import Masker
+from jitgate.masking.hits import NAMED_MAPS, HitScanner, py_string_hits
+from jitgate.masking.objects import Masker, MaskingError
 
 try:
     from jitgate.masking._scan import string_hits as c_string_hits
@@ -106,6 +106,22 @@ def test_the_c_scanner_and_its_python_twin_agree() -> None:
                               b'{"q\\\\":"key"}', b'{"a":{"b":[{"token":1}]}}', b'{"annotations":{"api-token":"v"}}']
     for body in bodies:
         assert c_string_hits(body, scanner.lowered, scanner.exact, 4096) == py_string_hits(body, scanner.lowered, scanner.exact, 4096), body
+    # Passing over what is known: the same values remembered by a masker that saw every body once
+    # (env names that say secret among them), and the same hits left, or the same None, from both.
+    learned = Masker()
+    for body in bodies:
+        try:
+            learned.mask_json(body)
+        except MaskingError:
+            pass  # the few that are no JSON
+    clean = learned.hits.clean
+    assert any(clean.values()) and not all(clean.values())
+    left = 0
+    for body in bodies:
+        c_hits = c_string_hits(body, scanner.lowered, scanner.exact, 4096, NAMED_MAPS, clean)
+        assert c_hits == py_string_hits(body, scanner.lowered, scanner.exact, 4096, NAMED_MAPS, clean), body
+        left += c_hits is not None and len(c_hits) < len(c_string_hits(body, scanner.lowered, scanner.exact, 4096) or ())
+    assert left > 500, left
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -180,11 +196,56 @@ def test_values_remembered_across_bodies_are_only_those_passed_unmasked() -> Non
         result = masker.mask_json(body)
         assert b"canary-pw-7781" not in result.body and result.masked == 3
     remembered = masker.hits.clean
-    assert remembered and all(n == 0 for _, n, _ in remembered.values())
-    assert not any(b"canary-pw-7781" in raw for _, raw in remembered)
+    assert remembered and b'"mountPath": "/var/run/secrets/x"' in remembered
+    assert not any(b"canary-pw-7781" in span for span in remembered)
     for i in range(hits_module.CLEAN_VALUES + 10):  # bounded: past the limit it starts over
         masker.mask_json(json.dumps({"a": f"/var/run/secrets/{i}"}).encode())
     assert 0 < len(masker.hits.clean) <= hits_module.CLEAN_VALUES
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_pod_list_seen_before_leaves_no_hit_to_look_at(native: bool) -> None:
+    from scripts.bench import bodies
+
+    body = json.dumps({"kind": "PodList", "items": [bodies.pod(i) for i in range(20)]}).encode()
+    masker = Masker()
+    masker.hits = scanner = HitScanner(masker.detectors, native=native)
+    if native and hits_module._c_string_hits is None:
+        pytest.skip("the C scanner is not built here")
+    assert masker.mask_json(body).masked == 0
+    everything = scanner.string_hits(body, scanner.lowered, scanner.exact, 4096)
+    assert len(everything) >= 100  # secretKeyRef, DB_PASSWORD, "path": "token", /var/run/secrets, ...
+    assert scanner.string_hits(body, scanner.lowered, scanner.exact, 4096, NAMED_MAPS, scanner.clean) == []
+    # The next pod list differs where lists do (names, ids, versions): the new values are looked at once.
+    other = body.replace(b"web-7c9d8f6b5", b"api-5b6c7d8e9").replace(b"containerd://0", b"containerd://1")
+    left = scanner.string_hits(other, scanner.lowered, scanner.exact, 4096, NAMED_MAPS, scanner.clean)
+    assert left and all(b"containerd://1" in other[s:e] for s, e, *_ in left), left
+    assert masker.mask_json(other).masked == 0
+    assert scanner.string_hits(other, scanner.lowered, scanner.exact, 4096, NAMED_MAPS, scanner.clean) == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_an_env_name_known_clean_is_looked_at_again_when_its_var_has_a_value(native: bool) -> None:
+    # `DB_PASSWORD` taken from a Secret is remembered as clean, and as a name that says secret: the
+    # same name with a value of its own (after it, or before it) must still have that value masked.
+    masker = Masker()
+    masker.hits = scanner = HitScanner(masker.detectors, native=native)
+    if native and hits_module._c_string_hits is None:
+        pytest.skip("the C scanner is not built here")
+    ref = {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}
+    first = json.dumps({"kind": "Pod", "spec": {"containers": [{"name": "web", "env": [ref]}]}}).encode()
+    assert masker.mask_json(first).masked == 0 and scanner.clean.get(b'"name": "DB_PASSWORD"') is True
+    for env in ({"name": "DB_PASSWORD", "value": "canary-env-5521"}, {"value": "canary-env-5521", "name": "DB_PASSWORD"},
+                {"name": "DB_PASSWORD", "x": {"y": [1]}, "value": "canary-env-5521"}):
+        body = json.dumps({"kind": "Pod", "spec": {"containers": [{"name": "web", "env": [ref, env]}]}}).encode()
+        assert scanner.scan(body) is None, env
+        result = masker.mask_json(body)
+        assert b"canary-env-5521" not in result.body and result.masked == 1, env
+    # A known name whose object cannot be read back within the window: the walk decides too.
+    env = {"value": "canary-env-5521", "pad": "p" * 9000, "name": "DB_PASSWORD"}
+    far = json.dumps({"kind": "Pod", "spec": {"containers": [{"name": "web", "env": [ref, env]}]}}).encode()
+    assert scanner.scan(far) is None
+    assert b"canary-env-5521" not in masker.mask_json(far).body
 
 
 def test_strings_remembered_across_bodies_by_the_walk_are_only_clean_ones() -> None:

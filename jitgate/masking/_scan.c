@@ -1,6 +1,6 @@
 /* The strings of a JSON body that hold a secret word, found in one pass over its bytes.
  *
- * string_hits(body, lowered, exact, max_strings) -> list | None
+ * string_hits(body, lowered, exact, max_strings[, named_maps, clean]) -> list | None
  *
  * For every JSON string token of `body` that holds one of the literals (`lowered`: lower-case
  * ASCII literals matched in any ASCII case; `exact`: literals matched as written), in order and
@@ -15,6 +15,14 @@
  * `max_strings` strings with hits. The caller then parses the body instead. Every literal has a
  * character JSON allows only inside strings (the caller checks), so a hit always lies inside one
  * string, whose quotes are the nearest unescaped ones on each side.
+ *
+ * With `named_maps` (a tuple of bytes) and `clean` (a dict), the hits the caller would pass over
+ * are left out: a key unless the object it is a member of is the value of one of `named_maps`, and
+ * a value whose span (from its key's opening quote, or its own without a key, to its closing
+ * quote) is in `clean`, a value known to pass the detectors unmasked. `clean` maps a span to
+ * whether the value is a `name` that says secret: for those the object holding it must not also
+ * have a non-empty string `value` member (an env var with a value of its own), else None. The
+ * caller then sees only what it has not decided before: on a pod list after the first, nothing.
  *
  * Same results as jitgate.masking.hits.py_string_hits (tests/test_masking_hits.py checks both on
  * generated bodies); this one is what makes masking a pod list cost a fraction of parsing it.
@@ -87,6 +95,95 @@ static Py_ssize_t object_start(const unsigned char *s, Py_ssize_t pos) {
         }
     }
     return -1;
+}
+
+static int is_special(unsigned char c) { return c == '"' || c == '{' || c == '}' || c == '[' || c == ']'; }
+
+/* After a key's closing quote: `: "..."` with at least one character. */
+static int string_value_follows(const unsigned char *s, Py_ssize_t n, Py_ssize_t pos) {
+    while (pos < n && is_ws(s[pos])) pos++;
+    if (pos >= n || s[pos] != ':') return 0;
+    pos++;
+    while (pos < n && is_ws(s[pos])) pos++;
+    return pos + 1 < n && s[pos] == '"' && s[pos + 1] != '"';
+}
+
+/* Whether the string between the quotes at `open` and `close` is `"value"` followed by a value string. */
+static int value_member(const unsigned char *s, Py_ssize_t n, Py_ssize_t open, Py_ssize_t close) {
+    return close - open == 6 && memcmp(s + open + 1, "value", 5) == 0 && string_value_follows(s, n, close + 1);
+}
+
+#define BACK_WINDOW 8192 /* bytes looked back for the start of the object; past it: cannot tell */
+
+/* 1 when the object holding the `name` member whose value opens at `name_start` also has a
+ * non-empty string `value` member, 0 when not, -1 when it cannot tell (hits._has_value's NeedsWalk):
+ * the members after the name read forwards to the closing brace, those before it backwards. */
+static int has_value(const unsigned char *s, Py_ssize_t n, Py_ssize_t name_start) {
+    Py_ssize_t pos = quote_after(s, n, name_start + 1), depth = 0;
+    if (pos < 0) return -1;
+    for (pos++;; pos++) {
+        while (pos < n && !is_special(s[pos])) pos++;
+        if (pos >= n) return -1;
+        unsigned char c = s[pos];
+        if (c == '"') {
+            Py_ssize_t end = quote_after(s, n, pos + 1);
+            if (end < 0) return -1;
+            if (depth == 0 && value_member(s, n, pos, end)) return 1;
+            pos = end;
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if (depth) {
+            depth--;
+        } else {
+            break;
+        }
+    }
+    Py_ssize_t low = name_start > BACK_WINDOW ? name_start - BACK_WINDOW : 0, at = name_start;
+    for (depth = 0;;) {
+        for (at--; at >= low && !is_special(s[at]); at--) {}
+        if (at < low) return -1;
+        unsigned char c = s[at];
+        if (c == '"') {
+            Py_ssize_t start = quote_before(s, at);
+            if (start < 0) return -1;
+            if (depth == 0 && value_member(s, n, start, at)) return 1;
+            at = start;
+        } else if (c == '}' || c == ']') {
+            depth++;
+        } else if (depth) {
+            depth--;
+        } else {
+            return 0;
+        }
+        if (at <= low) return -1;
+    }
+}
+
+/* Whether the key between the quotes at `open` and `close` is one of `names` (a tuple of bytes). */
+static int named(const unsigned char *s, Py_ssize_t open, Py_ssize_t close, PyObject *names) {
+    Py_ssize_t len = close - open - 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (PyBytes_Check(name) && PyBytes_GET_SIZE(name) == len && memcmp(PyBytes_AS_STRING(name), s + open + 1, (size_t)len) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* What the caller knows of a hit already (see the top): 1 pass over it, 0 report it, -1 the body
+ * needs the walk, -2 an error is set. */
+static int decided(const unsigned char *s, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end, int is_key,
+                   Py_ssize_t key_start, Py_ssize_t key_end, PyObject *named_maps, PyObject *clean) {
+    if (is_key) return !(key_start >= 0 && named(s, key_start, key_end, named_maps));
+    Py_ssize_t from = key_start >= 0 ? key_start : start;
+    PyObject *span = PyBytes_FromStringAndSize((const char *)s + from, end + 1 - from);
+    if (span == NULL) return -2;
+    PyObject *env_name = PyDict_GetItemWithError(clean, span);  /* borrowed */
+    Py_DECREF(span);
+    if (env_name == NULL) return PyErr_Occurred() ? -2 : 0;
+    if (env_name != Py_True) return 1;
+    int value = has_value(s, n, start);
+    return value == 0 ? 1 : -1;
 }
 
 static int load_literals(PyObject *seq, literal *out, int *count, const char *what) {
@@ -164,13 +261,19 @@ static void build_pairs(PyObject *lowered_seq, const literal *lowered, int n_low
 
 static PyObject *string_hits(PyObject *self, PyObject *args) {
     Py_buffer body;
-    PyObject *lowered_seq, *exact_seq;
+    PyObject *lowered_seq, *exact_seq, *named_maps = NULL, *clean = NULL;
     Py_ssize_t max_strings;
     literal lowered[MAX_LITERALS], exact[MAX_LITERALS];
     int n_lowered = 0, n_exact = 0;
 
-    if (!PyArg_ParseTuple(args, "y*O!O!n", &body, &PyTuple_Type, &lowered_seq, &PyTuple_Type, &exact_seq, &max_strings))
+    if (!PyArg_ParseTuple(args, "y*O!O!n|O!O!", &body, &PyTuple_Type, &lowered_seq, &PyTuple_Type, &exact_seq, &max_strings,
+                          &PyTuple_Type, &named_maps, &PyDict_Type, &clean))
         return NULL;
+    if ((named_maps == NULL) != (clean == NULL)) {
+        PyBuffer_Release(&body);
+        PyErr_SetString(PyExc_TypeError, "named_maps and clean go together");
+        return NULL;
+    }
     if (load_literals(lowered_seq, lowered, &n_lowered, "lowered") < 0 || load_literals(exact_seq, exact, &n_exact, "exact") < 0) {
         PyBuffer_Release(&body);
         return NULL;
@@ -220,6 +323,17 @@ static PyObject *string_hits(PyObject *self, PyObject *args) {
             if (brace >= 0 && key_before(s, brace, &key_start, &key_end) < 0) goto unreadable;
         }
         if (++found > max_strings) goto unreadable;
+        i = end;  /* the rest of this string: it is reported already */
+        if (clean != NULL) {
+            int known = decided(s, n, start, end, is_key, key_start, key_end, named_maps, clean);
+            if (known == -2) {
+                Py_DECREF(out);
+                PyBuffer_Release(&body);
+                return NULL;
+            }
+            if (known == -1) goto unreadable;
+            if (known == 1) continue;
+        }
         PyObject *item = Py_BuildValue("(nninn)", start, end, is_key, key_start, key_end);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
@@ -228,7 +342,6 @@ static PyObject *string_hits(PyObject *self, PyObject *args) {
             return NULL;
         }
         Py_DECREF(item);
-        i = end;  /* the rest of this string: it is reported already */
     }
     PyBuffer_Release(&body);
     return out;
@@ -241,7 +354,7 @@ unreadable:
 
 static PyMethodDef methods[] = {
     {"string_hits", string_hits, METH_VARARGS,
-     "string_hits(body, lowered, exact, max_strings) -> list of (start, end, is_key, key_start, key_end), or None"},
+     "string_hits(body, lowered, exact, max_strings[, named_maps, clean]) -> list of (start, end, is_key, key_start, key_end), or None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,7 +38,7 @@ _LAST_APPLIED = b"kubectl.kubernetes.io/last-applied-configuration"
 # Characters JSON allows outside strings: a literal made only of these could be read outside one.
 _OUTSIDE_STRINGS = frozenset(b" \t\r\n,:[]{}0123456789+-.eEtruefalsn")
 # Maps whose members the object walk masks by key name.
-_NAMED_MAPS = frozenset((b"annotations", b"data", b"binaryData", b"stringData"))
+NAMED_MAPS = (b"annotations", b"data", b"binaryData", b"stringData")
 _WS = b" \t\r\n"
 QUOTE, BACKSLASH, COLON = 0x22, 0x5C, 0x3A
 # Past this many distinct strings with hits, the object walk is as cheap and simpler to trust.
@@ -71,10 +71,13 @@ class HitScanner:
         self.lowered = tuple(lowered)
         self.exact = tuple(exact)
         self.string_hits = _c_string_hits if native and _c_string_hits is not None else py_string_hits
-        # Outcomes of values the detectors leave as they are, across bodies: a list returns the same
-        # container ids, mount paths and env names call after call. Only values that pass unmasked
-        # (what the client gets anyway) are kept, never one with a secret in it; bounded.
-        self.clean: dict[tuple[bytes | None, bytes], tuple[bytes, int, bool]] = {}
+        # Values the detectors leave as they are, across bodies, by their span (from the key's opening
+        # quote to the value's closing one): a list returns the same container ids, mount paths and
+        # env names call after call, and the scan passes over them (string_hits' `clean`). Each maps
+        # to whether it is a `name` that says secret (its env var must have no value of its own).
+        # Only values that pass unmasked (what the client gets anyway) are kept, never one with a
+        # secret in it; bounded.
+        self.clean: dict[bytes, bool] = {}
 
     def scan(self, body: bytes) -> tuple[bytes, int] | None:
         """(body with detected values masked, how many), or None when the object walk must decide."""
@@ -82,7 +85,7 @@ class HitScanner:
             return None
         if not body.isascii() and any(c in body for c in _FOLDS_TO_ASCII):
             return None
-        hits = self.string_hits(body, self.lowered, self.exact, MAX_STRINGS)
+        hits = self.string_hits(body, self.lowered, self.exact, MAX_STRINGS, NAMED_MAPS, self.clean)
         if hits is None:
             return None
         try:
@@ -91,29 +94,23 @@ class HitScanner:
             return None
 
     def _mask(self, body: bytes, hits: list[tuple[int, int, int, int, int]]) -> tuple[bytes, int]:
+        """The hits the scan left: keys in a map the walk masks by name, values not known clean."""
         is_secret_name = self.detectors.is_secret_name
         pieces: list[bytes] = []
         done = 0
         count = 0
-        # What a value comes to depends on its bytes and its key's: every pod repeats the same ones.
-        seen = self.clean
+        clean = self.clean
         for start, end, is_key, key_start, key_end in hits:
             if is_key:  # a key matters only as a name in a map the walk masks by name
-                if key_start >= 0 and body[key_start + 1:key_end] in _NAMED_MAPS and is_secret_name(_text(body[start + 1:end])):
+                if key_start >= 0 and body[key_start + 1:key_end] in NAMED_MAPS and is_secret_name(_text(body[start + 1:end])):
                     raise NeedsWalk
                 continue
             raw_key = body[key_start + 1:key_end] if key_start >= 0 else None
             raw = body[start + 1:end]
-            outcome = seen.get((raw_key, raw))
+            key = raw_key if raw_key is None or BACKSLASH not in raw_key else _text(raw_key).encode()
+            outcome = self._value(raw, key)
             if outcome is None:
-                key = raw_key if raw_key is None or BACKSLASH not in raw_key else _text(raw_key).encode()
-                outcome = self._value(raw, key)
-                if outcome is None:
-                    raise NeedsWalk
-                if not outcome[1] and len(raw) <= CLEAN_VALUE_MAX:
-                    if len(seen) >= CLEAN_VALUES:
-                        seen.clear()
-                    seen[(raw_key, raw)] = outcome
+                raise NeedsWalk
             masked, n, env_name = outcome
             # A `name` that says secret decides by its neighbours: an env var with a value of its own.
             if env_name and _has_value(body, start):
@@ -123,6 +120,10 @@ class HitScanner:
                 pieces.append(masked)
                 done = end + 1
                 count += n
+            elif len(raw) <= CLEAN_VALUE_MAX:
+                if len(clean) >= CLEAN_VALUES:
+                    clean.clear()
+                clean[body[key_start if key_start >= 0 else start:end + 1]] = env_name
         if not count:
             return body, 0
         pieces.append(body[done:])
@@ -139,9 +140,12 @@ class HitScanner:
         return (_encode_string(masked).encode(), n, env_name) if n else (b"", 0, env_name)
 
 
-def py_string_hits(body: bytes, lowered: tuple[bytes, ...], exact: tuple[bytes, ...],
-                   max_strings: int) -> list[tuple[int, int, int, int, int]] | None:
+def py_string_hits(body: bytes, lowered: tuple[bytes, ...], exact: tuple[bytes, ...], max_strings: int,
+                   named_maps: tuple[bytes, ...] | None = None,
+                   clean: dict[bytes, bool] | None = None) -> list[tuple[int, int, int, int, int]] | None:
     """What jitgate.masking._scan.string_hits answers (see _scan.c), in Python."""
+    if (named_maps is None) != (clean is None):
+        raise TypeError("named_maps and clean go together")
     if b"\\u" in body or b"\\/" in body:
         return None
     positions: list[int] = []
@@ -158,6 +162,7 @@ def py_string_hits(body: bytes, lowered: tuple[bytes, ...], exact: tuple[bytes, 
             pos = body.find(literal, pos + 1)
     positions.sort()
     out: list[tuple[int, int, int, int, int]] = []
+    found = 0
     end = -1
     try:
         for pos in positions:
@@ -171,9 +176,20 @@ def py_string_hits(body: bytes, lowered: tuple[bytes, ...], exact: tuple[bytes, 
             else:
                 brace = _object_start(body, start)
                 key_start, key_end = _key_before(body, brace) if brace >= 0 else (-1, -1)
-            out.append((start, end, int(is_key), key_start, key_end))
-            if len(out) > max_strings:
+            found += 1
+            if found > max_strings:
                 return None
+            if clean is not None:
+                if is_key:
+                    if key_start < 0 or body[key_start + 1:key_end] not in named_maps:
+                        continue
+                else:
+                    env_name = clean.get(body[key_start if key_start >= 0 else start:end + 1])
+                    if env_name is not None:
+                        if env_name and _has_value(body, start):
+                            return None  # an env var with a value of its own: the walk decides
+                        continue
+            out.append((start, end, int(is_key), key_start, key_end))
     except NeedsWalk:
         return None
     return out
