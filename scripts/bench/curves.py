@@ -136,12 +136,13 @@ PARSE_CASES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def request_parsing_costs() -> list[tuple[str, str, float]]:
-    """µs per `parse_request` for representative kubectl requests: (case, target, µs)."""
+def request_parsing_costs(calls: int = 5000) -> list[tuple[str, str, float]]:
+    """µs per `parse_request` for representative kubectl requests, each timed over `calls` calls:
+    (case, target, µs)."""
     headers = {"Accept": "application/json", "User-Agent": "kubectl/v1.33.1"}
     rows = []
     for name, method, target in PARSE_CASES:
-        per_call = best_seconds_per_call(lambda: parse_request(method, target, headers), 5000)
+        per_call = best_seconds_per_call(lambda: parse_request(method, target, headers), calls)
         rows.append((name, f"{method} {target}", per_call * 1e6))
     return rows
 
@@ -239,9 +240,10 @@ def grant_decision_curve(policy: Policy, counts: Sequence[int] = GRANT_COUNTS) -
     return curve
 
 
-def rule_decision_curve(policy: Policy, counts: Sequence[int] = RULE_COUNTS) -> Curve:
+def rule_decision_curve(policy: Policy, counts: Sequence[int] = RULE_COUNTS, calls: int = 20_000) -> Curve:
     """Decision time per call as the policy grows to thousands of access rules (other teams'
-    rules first, so a refusal scans them all before it can name the rule to ask under)."""
+    rules first, so a refusal scans them all before it can name the rule to ask under); a covered
+    call timed over `calls` / 10 calls, a refused one over `calls` rule reads."""
     curve = Curve("Decision time vs access rules", "access rules in the policy", "µs per decision")
     bench = DecisionBench(policy)
     own = policy.access_rules
@@ -253,9 +255,9 @@ def rule_decision_curve(policy: Policy, counts: Sequence[int] = RULE_COUNTS) -> 
                            for i in range(max(0, count - len(own))))
             bench.set_rules(others + own)
             bench.timed(bench.decide_allowed, 1, repeats=1)
-            curve.add("call covered by a grant", count, bench.timed(bench.decide_allowed, 2000) * 1e6)
+            curve.add("call covered by a grant", count, bench.timed(bench.decide_allowed, max(100, calls // 10)) * 1e6)
             curve.add("call without a grant (refusal names the rule to ask under)", count,
-                      bench.timed(bench.decide_refused, max(20, 20_000 // count), repeats=3) * 1e6)
+                      bench.timed(bench.decide_refused, max(20, calls // count), repeats=3) * 1e6)
     finally:
         bench.close()
     curve.notes.append("a call covered by a grant never reads the rules; a refused call scans them in policy order")
@@ -274,10 +276,10 @@ def masking_bytes_per_second(response_bytes: int) -> float:
     return len(body) / masking_seconds(body)
 
 
-def masking_curve(max_bytes: int = MASKING_SIZES[-1]) -> Curve:
+def masking_curve(max_bytes: int = MASKING_SIZES[-1], secret_items: int = 5000, watch_events: int = 20_000) -> Curve:
     """Masking against json.loads + json.dumps of the same SecretList, and the check a body without
     secrets costs (a PodList of the same size), in MB/s, for bodies up to `max_bytes`; the ratios of
-    scripts/bench/masking.py as notes."""
+    scripts/bench/masking.py (lists of `secret_items`, a watch of `watch_events`) as notes."""
     curve = Curve("Masking throughput vs response size", "response bytes", "MB/s")
     sizes = [s for s in MASKING_SIZES if s <= max_bytes]
     try:
@@ -292,7 +294,7 @@ def masking_curve(max_bytes: int = MASKING_SIZES[-1]) -> Curve:
         secrets, pods = bench_masking.secret_list_of_size(size), bench_masking.pod_list_of_size(size)
         curve.add("json.loads + json.dumps (SecretList)", size, len(secrets) / bench_masking.json_seconds(secrets) / 1e6)
         curve.add("no-secret check (PodList)", size, len(pods) / bench_masking.masking_seconds(pods) / 1e6)
-    for name, row in bench_masking.measure().items():
+    for name, row in bench_masking.measure(secret_items, watch_events).items():
         curve.notes.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     return curve
 

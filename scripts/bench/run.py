@@ -318,25 +318,28 @@ class Bench:
     # -- curves and watches ------------------------------------------------------------------------
 
     def curves(self, max_size: int, calls: int = 20_000) -> tuple[list[dict], list]:
-        """The in-process scaling curves, up to `max_size` identities, grants, extra guardrail rules and
-        masked bytes (x 5,000), each point timed over `calls` calls (the smoke test asks for few)."""
+        """The in-process scaling curves, up to `max_size` identities, grants, extra guardrail rules,
+        access rules (x 10) and masked bytes (x 5,000), each point timed over `calls` calls, the
+        masking ratios on lists of `calls` / 4 objects and a watch of `calls` events (the smoke test
+        asks for few)."""
         b = self.backends
         policy = load_policy(self.workdir / "policy.yaml")
         identities = [c for c in curves.IDENTITY_COUNTS if c <= max_size]
         grants = [c for c in curves.GRANT_COUNTS if c <= max_size]
+        rules = [c for c in curves.RULE_COUNTS if c <= max_size * 10]
         self.log(f"bench: curves: identity cache up to {max(identities):,}, grants up to {max(grants):,}, "
-                 f"access rules up to {max(curves.RULE_COUNTS):,} ...")
+                 f"access rules up to {max(rules):,} ...")
         found = [curves.identity_cache_curve(b.issuer, str(b.ca.cert_path), identities),
                  curves.grant_decision_curve(policy, grants),
-                 curves.rule_decision_curve(policy)]
-        found.append(curves.masking_curve(max_size * 5_000))
+                 curves.rule_decision_curve(policy, rules, calls)]
+        found.append(curves.masking_curve(max_size * 5_000, secret_items=calls // 4, watch_events=calls))
         extra_rules = tuple(c for c in bench_guardrails.EXTRA_COUNTS if c <= max_size)  # default pack + extra rules
         found.append(bench_guardrails.decision_curve(extra_rules, calls))
         found.append(bench_approval.approval_curve(max(100, calls // 10)))  # digest and permit transaction
         found.append(bench_self_review.cost_curve(calls))  # kubectl auth whoami/can-i: the guard every call pays
         # Copies: a curve object may be reused by its module afterwards (one CI run reported empty
         # curves that had been measured); the results must keep what was measured.
-        return [copy.deepcopy(vars(c)) for c in found], curves.request_parsing_costs()
+        return [copy.deepcopy(vars(c)) for c in found], curves.request_parsing_costs(max(250, calls // 4))
 
     def watch_memory(self, counts: tuple[int, ...], proxies: tuple[str, ...] = ("bare", "gateway")) -> list[dict]:
         b = self.backends
