@@ -257,21 +257,31 @@ def test_credential_failure_message_has_no_path(policy: Path, tmp_path: Path, ca
 
 
 BROKEN_GATEWAY = """\
-# The whole chain, with one step's hook replaced by one that raises (JITGATE_TEST_BROKEN=step.hook)
-# once the file JITGATE_TEST_ARMED exists (mitmdump exits on errors logged while it starts).
+# The whole chain, each hook of JITGATE_TEST_BREAKABLE ("step.hook,...") wrapped in one that raises
+# while the file JITGATE_TEST_ARMED names it (nothing is armed while mitmdump starts: it exits on
+# errors logged then). One gateway serves every case: a test arms its hook, and disarms it after.
 import importlib.util, os
 spec = importlib.util.spec_from_file_location("jitgate_gateway_with_a_broken_step", {gateway!r})
 gateway = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gateway)
 steps = gateway.build_chain()
-step_name, hook = os.environ["JITGATE_TEST_BROKEN"].split(".")
-target = next(s for s in steps if type(s).__name__.lower() == step_name)
-original = getattr(target, hook, None)
-def broken(*args):
-    if os.path.exists(os.environ["JITGATE_TEST_ARMED"]):
-        raise RuntimeError("injected failure in " + hook)
-    return original(*args) if original else None
-setattr(target, hook, broken)
+armed_path = os.environ["JITGATE_TEST_ARMED"]
+def armed():
+    try:
+        with open(armed_path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+def breakable(name, hook, original):
+    def broken(*args):
+        if armed() == name:
+            raise RuntimeError("injected failure in " + hook)
+        return original(*args) if original else None
+    return broken
+for name in os.environ["JITGATE_TEST_BREAKABLE"].split(","):
+    step_name, hook = name.split(".")
+    target = next(s for s in steps if type(s).__name__.lower() == step_name)
+    setattr(target, hook, breakable(name, hook, getattr(target, hook, None)))
 addons = [gateway.Gateway(steps)]
 """
 
@@ -292,15 +302,33 @@ CONNECTION_FAILURES = [
 SERVER_SIDE = {"server_connect", "server_connected", "tls_start_server", "tls_established_server"}
 
 
-def broken_gateway(stack: Stack, ca, tmp_path: Path, broken: str) -> GatewayProcess:
-    """A gateway whose step `broken` ("step.hook") raises once tmp_path/armed exists."""
-    script = tmp_path / "broken_gateway.py"
-    script.write_text(BROKEN_GATEWAY.format(gateway=str(REPO / "addons/gateway.py")))
-    env = {**aws_env(dict(os.environ), tmp_path), "JITGATE_TEST_BROKEN": broken,
-           "JITGATE_TEST_ARMED": str(tmp_path / "armed")}
-    return GatewayProcess(tmp_path / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
-                          options={"grant_store": str(stack.grant_store), "ssl_verify_upstream_trusted_ca": str(ca.cert_path)},
-                          script=str(script), env=env).start()
+class BrokenGateway:
+    """The gateway whose connection hooks (CONNECTION_FAILURES) each raise while armed."""
+
+    def __init__(self, stack: Stack, ca, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        script = directory / "broken_gateway.py"
+        script.write_text(BROKEN_GATEWAY.format(gateway=str(REPO / "addons/gateway.py")))
+        self.armed_path = directory / "armed"
+        env = {**aws_env(dict(os.environ), directory), "JITGATE_TEST_ARMED": str(self.armed_path),
+               "JITGATE_TEST_BREAKABLE": ",".join(f"{step}.{hook}" for step, hook in CONNECTION_FAILURES)}
+        self.process = GatewayProcess(directory / "gw", stack.policy, reverse_endpoints={"dev": f"https://{DEV_HOST}"},
+                                      options={"grant_store": str(stack.grant_store),
+                                               "ssl_verify_upstream_trusted_ca": str(ca.cert_path)},
+                                      script=str(script), env=env).start()
+
+    def arm(self, broken: str) -> None:
+        self.armed_path.write_text(broken)
+
+    def disarm(self) -> None:
+        self.armed_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def broken(stack: Stack, ca, tmp_path_factory: pytest.TempPathFactory):
+    gateway = BrokenGateway(stack, ca, tmp_path_factory.mktemp("broken"))
+    yield gateway
+    gateway.process.stop()
 
 
 def call_through(gateway: GatewayProcess, token: str, mode: str) -> int | str:
@@ -329,13 +357,14 @@ def alice_token(stack: Stack) -> str:
 
 @pytest.mark.parametrize("mode", ["reverse", "regular"])
 @pytest.mark.parametrize("step,hook", CONNECTION_FAILURES, ids=[h for _, h in CONNECTION_FAILURES])
-def test_a_step_failing_in_a_connection_hook_refuses_the_connection(stack: Stack, ca, alice_token: str, tmp_path: Path,
+def test_a_step_failing_in_a_connection_hook_refuses_the_connection(stack: Stack, broken: BrokenGateway, alice_token: str,
                                                                     step: str, hook: str, mode: str) -> None:
-    gateway = broken_gateway(stack, ca, tmp_path, f"{step}.{hook}")
+    gateway = broken.process
     try:
+        # Unbroken (and after whatever failed in the cases before), the call goes through.
         assert call_through(gateway, alice_token, mode) == 200, "unbroken, the call goes through"
-        before = len(gateway.audit_events())
-        (tmp_path / "armed").touch()
+        before, log_before = len(gateway.audit_events()), len(gateway.log())
+        broken.arm(f"{step}.{hook}")
         stack.dev.clear_seen()
         outcome = call_through(gateway, alice_token, mode)
         deadline = time.monotonic() + (5 if hook in SERVER_SIDE else 0.3)
@@ -343,14 +372,14 @@ def test_a_step_failing_in_a_connection_hook_refuses_the_connection(stack: Stack
                 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert gateway.proc.poll() is None, "the gateway keeps running"
-        log = gateway.log()
+        log = gateway.log()[log_before:]
+        after = gateway.audit_events()[before:]
     finally:
-        gateway.stop()
+        broken.disarm()
     seen = [r for r in stack.dev.requests_seen() if not r["path"].startswith("/_standin")]
     assert seen == [], f"{hook} failed, yet the cluster received {seen}"
     assert outcome != 200, outcome
     assert f"injected failure in {hook}" in log, "the failure is in the gateway's log"
-    after = gateway.audit_events()[before:]
     for event in after:  # what was audited after the failure was not let through
         assert event["stage"] != "ResponseComplete" or event["responseStatus"]["code"] >= 400, event
     if hook in SERVER_SIDE:  # there was a call (its connection to the cluster failed): it is audited
@@ -358,17 +387,18 @@ def test_a_step_failing_in_a_connection_hook_refuses_the_connection(stack: Stack
         assert len(done) == 1 and done[0]["requestURI"] == "/api/v1/namespaces/dev/configmaps", after
 
 
-def test_a_step_failing_in_server_connect_still_audits_the_call(stack: Stack, ca, alice_token: str, tmp_path: Path) -> None:
-    gateway = broken_gateway(stack, ca, tmp_path, "clusterrouting.server_connect")
-    (tmp_path / "armed").touch()
+def test_a_step_failing_in_server_connect_still_audits_the_call(broken: BrokenGateway, alice_token: str) -> None:
+    gateway = broken.process
+    before = len(gateway.audit_events())
+    broken.arm("clusterrouting.server_connect")
     try:
         outcome = call_through(gateway, alice_token, "reverse")
         deadline = time.monotonic() + 5
-        while not [e for e in gateway.audit_events() if e["stage"] == "ResponseComplete"] and time.monotonic() < deadline:
+        while not [e for e in gateway.audit_events()[before:] if e["stage"] == "ResponseComplete"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        events = gateway.audit_events()
+        events = gateway.audit_events()[before:]
     finally:
-        gateway.stop()
+        broken.disarm()
     assert outcome == 502
     done = [e for e in events if e["stage"] == "ResponseComplete"]
     assert len(done) == 1 and done[0]["responseStatus"]["code"] == 502
