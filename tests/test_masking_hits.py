@@ -198,6 +198,8 @@ def test_values_remembered_across_bodies_are_only_those_passed_unmasked() -> Non
     remembered = masker.hits.clean
     assert remembered and b'"mountPath": "/var/run/secrets/x"' in remembered
     assert not any(b"canary-pw-7781" in span for span in remembered)
+    masker.mask_json(json.dumps({"k" * 1000: "/var/run/secrets/x", "a": "/var/run/secrets/" + "y" * 1000}).encode())
+    assert max(map(len, masker.hits.clean)) <= hits_module.CLEAN_SPAN_MAX  # neither a long key nor a long value kept
     for i in range(hits_module.CLEAN_VALUES + 10):  # bounded: past the limit it starts over
         masker.mask_json(json.dumps({"a": f"/var/run/secrets/{i}"}).encode())
     assert 0 < len(masker.hits.clean) <= hits_module.CLEAN_VALUES

@@ -15,6 +15,10 @@ has a character JSON allows only inside strings, so each hit lies in one string 
   the object walk;
 - any other value: it goes through the detectors, and a masked one is spliced back in place.
 
+Values that pass unmasked are remembered across bodies (a list repeats its mount paths, env names,
+container ids call after call), and the scan itself passes over them and over keys outside those
+maps: on a pod list seen before, Python gets no hit to look at.
+
 When anything needs structure, or the body is one a byte scan cannot read exactly (a `\\u` escape,
 letters that case-fold to ASCII ones, detectors without literals, custom literals JSON allows
 outside strings), `scan` answers None and the caller walks the parsed object.
@@ -43,9 +47,10 @@ _WS = b" \t\r\n"
 QUOTE, BACKSLASH, COLON = 0x22, 0x5C, 0x3A
 # Past this many distinct strings with hits, the object walk is as cheap and simpler to trust.
 MAX_STRINGS = 4096
-# The unmasked values remembered across bodies (`HitScanner.clean`): how many, how long each.
+# The unmasked values remembered across bodies (`HitScanner.clean`): how many, how long each
+# (its span: key and value, so that neither a long key nor a long value is kept).
 CLEAN_VALUES = 4096
-CLEAN_VALUE_MAX = 512
+CLEAN_SPAN_MAX = 640
 _decode_string = json.JSONDecoder().decode
 _raw_decode = json.JSONDecoder().raw_decode
 _encode_string = json.JSONEncoder(ensure_ascii=False).encode
@@ -120,10 +125,12 @@ class HitScanner:
                 pieces.append(masked)
                 done = end + 1
                 count += n
-            elif len(raw) <= CLEAN_VALUE_MAX:
+                continue
+            span_start = key_start if key_start >= 0 else start
+            if end + 1 - span_start <= CLEAN_SPAN_MAX:  # remembered: the scan passes over it next time
                 if len(clean) >= CLEAN_VALUES:
                     clean.clear()
-                clean[body[key_start if key_start >= 0 else start:end + 1]] = env_name
+                clean[body[span_start:end + 1]] = env_name
         if not count:
             return body, 0
         pieces.append(body[done:])
