@@ -122,6 +122,11 @@ def test_the_c_scanner_and_its_python_twin_agree() -> None:
         assert c_hits == py_string_hits(body, scanner.lowered, scanner.exact, 4096, NAMED_MAPS, clean), body
         left += c_hits is not None and len(c_hits) < len(c_string_hits(body, scanner.lowered, scanner.exact, 4096) or ())
     assert left > 500, left
+    for scan in (c_string_hits, py_string_hits):  # the two go together, and `clean` is a dict
+        with pytest.raises(TypeError):
+            scan(b'{"a":"token"}', scanner.lowered, scanner.exact, 64, NAMED_MAPS)
+    with pytest.raises(TypeError):
+        c_string_hits(b'{"a":"token"}', scanner.lowered, scanner.exact, 64, NAMED_MAPS, [])
 
 
 @pytest.mark.parametrize("native", [True, False])
