@@ -99,12 +99,7 @@ class RecordingGateway:
 
     def calls(self) -> list[dict]:
         """Every row of the recordings index."""
-        path = self.recordings / "index.db"
-        if not path.exists():
-            return []
-        with sqlite3.connect(path) as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM calls ORDER BY time, id")]
+        return index_calls(self.recordings)
 
     def wait_for_calls(self, predicate, timeout: float = 15) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -187,6 +182,22 @@ HAR_SCHEMA = {
                 }}},
         }}},
 }
+
+
+def index_calls(recordings: Path) -> list[dict]:
+    """Every row of the recordings index in `recordings`, read beside the gateway writing it."""
+    path = recordings / "index.db"
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute("SELECT * FROM calls ORDER BY time, id")]
+        except sqlite3.OperationalError as e:
+            # The gateway creates the file (mode 0600) before its schema commits: nothing recorded yet.
+            if "no such table" in str(e):
+                return []
+            raise
 
 
 def load_har(path: Path) -> dict:

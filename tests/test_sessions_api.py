@@ -27,7 +27,7 @@ import pytest
 from jitgate.recording import har as harfile
 from testkit.gateway import GatewayProcess
 from testkit.net import stop
-from testkit.recording import JITGATE, leaks, load_cast, load_har, read_flows, web_flows
+from testkit.recording import JITGATE, index_calls, leaks, load_cast, load_har, read_flows, web_flows
 from testkit.standin.process import run_kubectl
 from testkit.standin.seed import API_TOKEN, SECRET_VALUES
 from tests.conftest import DEV_HOST, LAB_CLUSTER_TOKEN, aws_env
@@ -147,11 +147,7 @@ class World:
                 and e.get("user", {}).get("username") == username and e.get("annotations", {}).get("jitgate.dev/api-action") == action]
 
     def calls(self) -> list[dict]:
-        import sqlite3
-
-        with sqlite3.connect(self.recordings / "index.db") as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM calls ORDER BY time, id")]
+        return index_calls(self.recordings)
 
 
 @pytest.fixture(scope="module")
