@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,23 +17,58 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
+# Ports free_port handed out, each still bound by this process until the server meant for it listens.
+_reserved: dict[int, tuple[socket.socket, float]] = {}
+_reserved_lock = threading.Lock()
+RESERVATION_SECONDS = 120.0  # longer than any server here takes to start; wait_for_port ends it sooner
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, reserved for the server about to listen there.
+
+    Picking a port and letting it go races: a gateway takes seconds to bind it, and meanwhile another
+    pick (this process's, another pytest worker's) or an outgoing connection can take it; the server
+    then fails to listen while a probe meets someone else's listener. So the port stays bound here
+    (SO_REUSEADDR, never listening). On Linux that keeps every other bind and every ephemeral port
+    off it, while a server that sets SO_REUSEADDR itself, as asyncio, werkzeug, uvicorn, http.server,
+    aiohttp, nginx, node and Go all do, still binds and listens. `wait_for_port` ends the reservation
+    once the port answers; one never waited for (a port meant to stay closed) ends after two minutes."""
+    now = time.monotonic()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    with _reserved_lock:
+        for old in [p for p, (_, since) in _reserved.items() if now - since > RESERVATION_SECONDS]:
+            _reserved.pop(old)[0].close()
+        _reserved[port] = (s, now)
+    return port
+
+
+def release_port(port: int) -> None:
+    """End free_port's reservation of `port` (nothing if it holds none)."""
+    with _reserved_lock:
+        held = _reserved.pop(port, None)
+    if held is not None:
+        held[0].close()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    """Until something listens on 127.0.0.1:`port` (and `proc` is still running); then, or on failure,
+    free_port's reservation of the port ends."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    try:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    finally:
+        release_port(port)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:

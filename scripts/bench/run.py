@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jitgate.cli.client import ApiError, Client, Connection, StaticToken  # noqa: E402
+from jitgate.cli.client import ApiError, Client, ClientError, Connection, StaticToken  # noqa: E402
 from jitgate.policy.loader import load_policy  # noqa: E402
 from scripts.bench import bodies, curves, load, report, watches  # noqa: E402
 from scripts.bench import guardrail_approval as bench_approval  # noqa: E402
@@ -135,6 +135,9 @@ class Bench:
                 if e.code != 503 or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+            except ClientError as e:  # not answered at all: say what became of the process
+                state = "running" if gateway.alive() else f"exited with {gateway.proc.returncode}"
+                raise RuntimeError(f"{gateway.name} ({state}) did not answer: {e}\n{gateway.log_tail()}") from None
         common = {"cluster": CLUSTER_NAME, "namespaces": [NAMESPACE], "duration": "8h", "reason": "benchmark"}
         pods = user.create_request({**common, "resources": ["pods"], "verbs": ["get", "list", "watch"]})
         secrets = user.create_request({**common, "resources": ["secrets"], "verbs": ["get", "list"]})
